@@ -1,0 +1,59 @@
+"""The Task protocol: what a task plugin supplies to the one training engine (`titans_cli.train`).
+
+A task owns its data, its input embedding and head, its loss, its metrics and its predictions; the backbone
+(`titans_cli.model.Titans`) never knows which task it serves. This file holds the interface only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TaskData:
+    """Splits as map-style datasets that yield `Batch`-shaped dicts of tensors (one sample each).
+
+    `meta` is JSON-serialisable and is stored in every checkpoint (scaler statistics, alphabet, classes,
+    column order, ...), so a run can be rebuilt from its checkpoint alone.
+    """
+
+    train: Dataset
+    val: Dataset
+    test: Dataset | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    """A task plugin. Implementations are plain objects registered in `tasks.TASKS`."""
+
+    name: str
+    config_cls: type  # frozen dataclass for the `[task]` section of the run config
+    primary_metric: str  # validation metric used for early stopping and best.pt
+    higher_is_better: bool
+
+    def load(self, cfg: Any, data_dir: Path) -> TaskData:
+        """Read prepared data (from `titans prepare`) and return the splits plus checkpoint metadata."""
+        ...
+
+    def build_model(self, cfg: Any, meta: dict[str, Any]) -> nn.Module:
+        """Embedding + backbone + head (or a baseline model) for this task."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Scalar training loss for one batch (mean over the batch's samples)."""
+        ...
+
+    def evaluate(self, model: nn.Module, loader: Any, meta: dict[str, Any]) -> dict[str, Any]:
+        """Metrics over every sample of `loader` exactly once (sums and counts, never means of batch means).
+
+        Must contain `primary_metric` as a float; other values must be JSON-serialisable.
+        """
+        ...

@@ -1,0 +1,26 @@
+"""Task plugins and their lazy registry.
+
+`TASKS` maps a task name (the `--task` value) to "module:ATTRIBUTE" of a `tasks.base.Task` object. Entries are
+imported only when asked for, so `titans --help` never imports torch-heavy task modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tasks.base import Task
+from titans_cli.errors import UsageError
+
+# One line per task. Add yours here.
+TASKS: dict[str, str] = {
+    # "name": "tasks.<module>:<ATTRIBUTE>",
+}
+
+
+def get_task(name: str) -> Task:
+    """Return the task registered as `name`; a `UsageError` lists the known names otherwise."""
+    if name not in TASKS:
+        known = ", ".join(sorted(TASKS)) or "(none registered)"
+        raise UsageError(f"unknown task {name!r}: choose one of {known}")
+    module, attr = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), attr)

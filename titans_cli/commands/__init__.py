@@ -1,0 +1,1 @@
+"""CLI commands: one module per command (wiring only); registered in `titans_cli/cli.py`."""

@@ -1,0 +1,100 @@
+"""Shared CLI plumbing: the error wrapper every command uses, common option types, result printing.
+
+Conventions §4-§5: results go to stdout (`--json`: one JSON object), logs to stderr; a `TitansError` becomes
+one stderr line and its exit code (1 runtime, 2 usage, 3 data); any other exception is `error: ...` with exit
+1; the traceback only with `--debug`. Typer >= 0.26 vendors Click, only Typer exceptions pass through.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+
+from titans_cli.errors import TitansError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Option types shared by every command: `debug: Debug = False`, `json_out: JsonOut = False`, ...
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr; no logs, no progress.")]
+
+# Set by the app callback (`titans --debug <command>`); a command's own `--debug` works too.
+_GLOBAL = {"debug": False}
+
+
+def set_global_debug(value: bool) -> None:
+    """Record the app-level `--debug` flag (called by the Typer callback in `cli.py`)."""
+    _GLOBAL["debug"] = value
+
+
+def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a command: user errors become one stderr line and an exit code; tracebacks only with --debug.
+
+    The wrapped function keeps its signature (`functools.wraps`), so Typer still sees its options. A keyword
+    argument named `debug` (the `Debug` option) switches tracebacks on.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        debug = bool(kwargs.get("debug", False)) or _GLOBAL["debug"]
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise  # Typer's own control flow and usage errors: it prints them and picks the exit code
+        except TitansError as err:
+            _fail(str(err), err.exit_code, debug)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130, debug)
+        except Exception as err:  # noqa: BLE001 - last resort: one line instead of a traceback
+            _fail(f"{type(err).__name__}: {err}", 1, debug, hint=True)
+        raise AssertionError("unreachable")  # _fail always raises
+
+    return wrapper
+
+
+def _fail(message: str, code: int, debug: bool, hint: bool = False) -> None:
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    suffix = " (run with --debug for the traceback)" if hint and not debug else ""
+    print(f"error: {first_line}{suffix}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def log(message: str, quiet: bool = False) -> None:
+    """A log line on stderr (never stdout, which carries results)."""
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def emit_result(
+    result: dict[str, Any], json_out: bool, human: Callable[[dict[str, Any]], str] | None = None
+) -> None:
+    """Print a command's result on stdout: one JSON object with `--json`, else readable `key: value` lines."""
+    if json_out:
+        print(json.dumps(result, default=_json_default, sort_keys=False))
+        return
+    if human is not None:
+        print(human(result))
+        return
+    for key, value in result.items():
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        elif isinstance(value, dict | list):
+            value = json.dumps(value, default=_json_default)
+        print(f"{key}: {value}")
+
+
+def _json_default(value: Any) -> Any:
+    # Paths and NumPy / torch scalars appear in results; anything else is a bug worth seeing.
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

@@ -1,0 +1,147 @@
+"""`NeuralMemory`: the neural long-term memory layer (LMM, spec §2), around the memory-update op.
+
+Glossary (paper symbols): M memory weights (an MLP per head, depth L_M), S surprise/momentum (Eq. 14), `alpha`
+forget gate α_t (Eq. 13), `eta` momentum decay η_t (Eq. 14), `theta` inner learning rate θ_t (Eq. 14).
+
+    q, k, v = l2norm(SiLU(conv(x W_Q))), l2norm(SiLU(conv(x W_K))), SiLU(conv(x W_V))   (§2.1, Eqs. 11, 15, A18)
+    α_t, η_t = sigmoid(x_t w + b);  θ_t = θ_max · sigmoid(x_t w_θ + b_θ)                  (A1, per token, per head)
+    y_t = M_t(q_t) after writing k_t → v_t                                                (Eqs. 12-15)
+    o_t = W_O(RMSNorm(y_t) ⊙ SiLU(x_t W_G))                                               (§2.6, A17)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from titans_cli.ops.memory_update import MemoryState, memory_update
+from titans_cli.ops.memory_update.mlp import mlp_forward
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Depthwise 1-D convolution over time with left padding; carries its last `kernel-1` inputs for streaming."""
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv1d(channels, channels, kernel, groups=channels) if kernel > 1 else None
+
+    def forward(self, x: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """x `[B, T, C]`, tail `[B, kernel-1, C]` or None (zeros) → (y `[B, T, C]`, new tail)."""
+        if self.conv is None:
+            return x, None
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], self.kernel - 1, x.shape[2])
+        full = torch.cat([tail, x], dim=1)
+        y = self.conv(full.transpose(1, 2)).transpose(1, 2)
+        return y, full[:, full.shape[1] - (self.kernel - 1) :]
+
+
+class NeuralMemory(nn.Module):
+    """Multi-head neural long-term memory: `o, state = memory(x, state)` with x `[B, T, dim]`.
+
+    Args:
+        dim: model width; split into `heads` independent memories of head dim `dim // heads` (A19).
+        heads: number of memory heads.
+        depth: L_M, layers of each memory MLP (1 = matrix memory).
+        expansion: hidden width of the memory MLP as a multiple of the head dim.
+        activation: hidden activation of the memory MLP (silu, gelu, tanh).
+        chunk_size: b, gradient-point refresh interval of the chunked update.
+        theta_max: upper bound of θ_t.
+        conv_kernel: short causal depthwise conv after the q/k/v projections (0 or 1 disables it).
+        read: "inclusive" (M_t(q_t)) or "strict" (M_{t-1}(q_t)).
+        kernel: memory-update path, see `titans_cli.ops.memory_update.memory_update`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        depth: int = 2,
+        expansion: int = 4,
+        activation: str = "silu",
+        chunk_size: int = 16,
+        theta_max: float = 0.1,
+        conv_kernel: int = 4,
+        read: str = "inclusive",
+        kernel: str = "torch",
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.activation, self.chunk_size, self.theta_max = activation, chunk_size, theta_max
+        self.read, self.kernel = read, kernel
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.conv = CausalDepthwiseConv(3 * dim, conv_kernel)
+        self.gates = nn.Linear(dim, 3 * heads)
+        with torch.no_grad():
+            # α ≈ 0.0025 (a half-life of ~280 tokens, so long-range recall is learnable from the start), η ≈ 0.9,
+            # θ ≈ θ_max / 2 (spec §2.3 proposes α ≈ 0.018; the gate is data-dependent and can learn either way).
+            self.gates.weight.mul_(0.1)
+            self.gates.bias.copy_(torch.tensor([-6.0] * heads + [2.2] * heads + [0.0] * heads))
+        d = self.head_dim
+        dims = [d] + [expansion * d] * (depth - 1) + [d]
+        # Learned initial memory M_0, real [H, ...] parameters (not expanded views: titans-pytorch#64) (A5).
+        self.init_weights = nn.ParameterList(
+            nn.Parameter(torch.randn(heads, dims[i], dims[i + 1]) / math.sqrt(dims[i])) for i in range(depth)
+        )
+        self.out_norm = nn.RMSNorm(d)
+        self.gate_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def initial_state(self, batch: int) -> MemoryState:
+        """M_0 per sample (reset per sequence, spec §2.7) and S_0 = 0."""
+        return MemoryState.initial(tuple(self.init_weights), batch)
+
+    def _split_heads(self, t: Tensor) -> Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+
+    def _project(self, x: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        qkv, tail = self.conv(self.qkv(x), tail)
+        q, k, v = F.silu(qkv).chunk(3, dim=-1)
+        q = F.normalize(self._split_heads(q), dim=-1)
+        k = F.normalize(self._split_heads(k), dim=-1)
+        return q, k, self._split_heads(v), tail
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        B, H, T, D = y.shape
+        y = self.out_norm(y.transpose(1, 2)).reshape(B, T, H * D)
+        return self.out_proj(y * F.silu(self.gate_proj(x)))
+
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        """Write the sequence into the memory and read it token by token.
+
+        Args:
+            x: `[B, T, dim]`.
+            state: the state after an earlier piece of the same sequences, or None for a fresh memory.
+        Returns:
+            o `[B, T, dim]` and the state after the last token (pass it back in to continue the sequences).
+        """
+        if state is None:
+            state = self.initial_state(x.shape[0])
+        q, k, v, tail = self._project(x, state.conv)
+        # Gates and their log-space products stay in at least float32 under bf16 autocast (spec §3.2).
+        g = self.gates(x)
+        g = torch.sigmoid(g.to(torch.promote_types(g.dtype, torch.float32))).transpose(1, 2)  # [B, 3H, T]
+        alpha, eta, theta = g[:, : self.heads], g[:, self.heads : 2 * self.heads], g[:, 2 * self.heads :]
+        y, new = memory_update(
+            q, k, v, alpha, eta, self.theta_max * theta, state,
+            chunk_size=self.chunk_size, activation=self.activation, read=self.read, kernel=self.kernel,
+        )  # fmt: skip
+        return self._output(y.to(x.dtype), x), dataclasses.replace(new, conv=tail)
+
+    def retrieve(self, x: Tensor, state: MemoryState, tail: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Read without writing, M*(q) with the state's current weights (Eq. 15; MAC's Eq. 21).
+
+        `tail` is the conv context of this read stream (separate from the write stream's `state.conv`).
+        Returns the output `[B, T, dim]` and the new conv tail.
+        """
+        q, _, _, tail = self._project(x, tail)
+        y = mlp_forward(state.weights, q, self.activation)
+        return self._output(y, x), tail

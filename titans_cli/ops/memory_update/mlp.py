@@ -1,0 +1,87 @@
+"""The memory network M as a function of its weights: forward pass and closed-form inner-loss gradients.
+
+M(k) = σ(…σ(k W_1)…) W_L, no biases (spec §2.4, A4); L_M = 1 is the matrix memory M(k) = k W.
+Inner loss ℓ = ½‖M(k) − v‖² summed over features (Eq. 12 with the ½ of Appendix C, A16).
+Every per-token gradient of a linear layer is a rank-1 product a_{l−1}ᵀ δ_l (spec §2.2); this file returns the
+activations a and errors δ, from which both the chunk-end state and the dual-form reads are built.
+
+Shape legend: leading dims `...` (e.g. B, H), n tokens, weights `[..., d_in, d_out]`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SQRT_2PI = math.sqrt(2.0 * math.pi)
+
+
+def _gelu_grad(z: Tensor) -> Tensor:
+    # d/dz [z Φ(z)] = Φ(z) + z φ(z) (exact erf GELU)
+    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    return cdf + z * torch.exp(-0.5 * z * z) / _SQRT_2PI
+
+
+def _silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+def _tanh_grad(z: Tensor) -> Tensor:
+    t = torch.tanh(z)
+    return 1.0 - t * t
+
+
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "silu": (F.silu, _silu_grad),
+    "gelu": (F.gelu, _gelu_grad),
+    "tanh": (torch.tanh, _tanh_grad),
+}
+
+
+def mlp_forward(weights: Sequence[Tensor], x: Tensor, activation: str) -> Tensor:
+    """M(x) for per-sample weights: x `[..., n, d_in]` → `[..., n, d_out]` (a read, M* of Eq. 15)."""
+    act, _ = ACTIVATIONS[activation]
+    h = x
+    for l, w in enumerate(weights):
+        h = h @ w
+        if l < len(weights) - 1:
+            h = act(h)
+    return h
+
+
+def mlp_inner_grad_factors(
+    weights: Sequence[Tensor], k: Tensor, v: Tensor, activation: str
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-token factors of ∇_{W_l} ½‖M(k) − v‖² = a_{l−1}ᵀ δ_l, by hand (no autograd inside).
+
+    Args:
+        weights: L tensors `[..., d_{l-1}, d_l]`.
+        k, v: `[..., n, d_0]` keys and `[..., n, d_L]` values.
+    Returns:
+        (inputs, errors): `inputs[l]` is a_{l} `[..., n, d_l]` (a_0 = k), `errors[l]` is δ_{l+1}
+        `[..., n, d_{l+1}]`, so the gradient of layer l (0-based) for token j is `inputs[l][j]ᵀ errors[l][j]`.
+    """
+    act, act_grad = ACTIVATIONS[activation]
+    inputs = [k]
+    pre = []
+    h = k
+    for l, w in enumerate(weights):
+        z = h @ w
+        if l < len(weights) - 1:
+            pre.append(z)
+            h = act(z)
+            inputs.append(h)
+        else:
+            h = z
+    err = h - v  # ∂ℓ/∂z_L for ½‖z_L − v‖²
+    errors = [err]
+    for l in range(len(weights) - 1, 0, -1):
+        err = (err @ weights[l].transpose(-1, -2)) * act_grad(pre[l - 1])
+        errors.append(err)
+    errors.reverse()
+    return inputs[: len(weights)], errors

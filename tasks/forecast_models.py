@@ -1,0 +1,205 @@
+"""Forecasting models: the Titans forecaster (spec §6, Table 3; LMM by default) and the DLinear baseline.
+
+Both map z-scored inputs x [B, T, C] to forecasts [B, H, C]. T may exceed the lookback L: the Titans
+forecaster then reads the earlier rows through the memory state in pieces (`backbone(x_piece, state)`) and its
+head reads only the hidden states of the final L rows, so a forecast can use a whole file of context
+(`titans forecast --context all`) with the parameters trained on L-row windows. Memory is reset per sample.
+Token layouts (A12): channel-independent patches (PatchTST-style; the memory reads one channel's patches in
+order) or time-step tokens (one token per row, all channels embedded together). RevIN: Kim et al., ICLR 2022.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+Layout = Literal["patch", "time"]
+
+
+class RevIN(nn.Module):
+    """Reversible instance normalisation over the last `lookback` rows of each sample and channel.
+
+    Statistics come from the final window only, so a longer context is put in the same frame as the window
+    the forecast starts from.
+    """
+
+    def __init__(self, channels: int, affine: bool = True, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
+
+    def normalize(self, x: Tensor, lookback: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, T, C] → normalised x and (mean, std), each [B, 1, C]."""
+        window = x[:, -lookback:, :]
+        mean = window.mean(1, keepdim=True).detach()
+        std = torch.sqrt(window.var(1, keepdim=True, unbiased=False) + self.eps).detach()
+        out = (x - mean) / std
+        if self.weight is not None:
+            out = out * self.weight + self.bias
+        return out, (mean, std)
+
+    def denormalize(self, y: Tensor, stats: tuple[Tensor, Tensor]) -> Tensor:
+        """y [B, H, C] back to the input frame."""
+        mean, std = stats
+        if self.weight is not None:
+            y = (y - self.bias) / (self.weight + self.eps * self.eps)
+        return y * std + mean
+
+
+def _run_backbone(backbone: nn.Module, tokens: Tensor, n_head: int, piece: int) -> Tensor:
+    """Hidden states of the last `n_head` tokens; earlier tokens only update the memory state.
+
+    tokens [B, N, d] with N ≥ n_head; the prefix is fed in pieces of `piece` tokens with the carried state,
+    which equals one call on the whole sequence (backbone contract) at bounded memory.
+    """
+    prefix = tokens.shape[1] - n_head
+    state = None
+    for start in range(0, prefix, piece):
+        _, state = backbone(tokens[:, start : min(start + piece, prefix)], state)
+    out, _ = backbone(tokens[:, prefix:], state)
+    return out
+
+
+class TitansForecaster(nn.Module):
+    """Embedding → Titans backbone → linear head, with optional RevIN.
+
+    Args:
+        backbone: a `titans_cli.model.Titans` (or any module with `y, state = m(x, state)` on [B, N, d]).
+        dim: the backbone width d.
+        channels: input channels C (the model also forecasts C channels; the task picks targets).
+        lookback: L; horizon: H.
+        layout: "patch" (channel-independent patch tokens) or "time" (one token per time step).
+        patch_len, patch_stride: patch geometry (layout "patch"); L − patch_len must be a multiple of the stride.
+        revin: reversible instance normalisation on inputs and outputs.
+        head_dropout: dropout before the head.
+        piece: tokens per backbone call when reading a long context.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        dim: int,
+        channels: int,
+        lookback: int,
+        horizon: int,
+        layout: Layout = "patch",
+        patch_len: int = 16,
+        patch_stride: int = 8,
+        revin: bool = True,
+        head_dropout: float = 0.0,
+        piece: int = 512,
+    ) -> None:
+        super().__init__()
+        self.channels, self.lookback, self.horizon, self.layout = channels, lookback, horizon, layout
+        self.patch_len, self.patch_stride, self.piece = patch_len, patch_stride, piece
+        self.revin = RevIN(channels) if revin else None
+        self.backbone = backbone
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(head_dropout)
+        if layout == "patch":
+            if patch_len > lookback or (lookback - patch_len) % patch_stride:
+                raise ValueError(
+                    f"lookback {lookback} - patch_len {patch_len} must be a non-negative multiple of the "
+                    f"patch stride {patch_stride}"
+                )
+            self.n_tokens = (lookback - patch_len) // patch_stride + 1
+            self.embed = nn.Linear(patch_len, dim)
+            self.head = nn.Linear(self.n_tokens * dim, horizon)  # PatchTST flatten head, shared by channels
+        elif layout == "time":
+            self.n_tokens = lookback
+            self.embed = nn.Linear(channels, dim)
+            self.head_proj = nn.Linear(dim, channels)
+            self.head = nn.Linear(lookback, horizon)  # along time, shared by channels
+        else:
+            raise ValueError(f"unknown layout {layout!r}: choose patch or time")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, T, C] (T ≥ lookback; rows before the last L are context) → forecast [B, H, C]."""
+        if x.shape[1] < self.lookback:
+            raise ValueError(f"input has {x.shape[1]} rows, the model needs at least the lookback {self.lookback}")
+        stats = None
+        if self.revin is not None:
+            x, stats = self.revin.normalize(x, self.lookback)
+        b, t, c = x.shape
+        if self.layout == "patch":
+            # Patches aligned to the end, so the final L rows give exactly the training-time patches.
+            offset = (t - self.patch_len) % self.patch_stride
+            series = x[:, offset:, :].transpose(1, 2).reshape(b * c, t - offset)  # [B*C, T']
+            patches = series.unfold(1, self.patch_len, self.patch_stride)  # [B*C, N, P]
+            hidden = _run_backbone(self.backbone, self.embed(patches), self.n_tokens, self.piece)
+            hidden = self.dropout(self.norm(hidden)).reshape(b * c, -1)
+            y = self.head(hidden).reshape(b, c, self.horizon).transpose(1, 2)
+        else:
+            hidden = _run_backbone(self.backbone, self.embed(x), self.n_tokens, self.piece)
+            per_step = self.head_proj(self.dropout(self.norm(hidden)))  # [B, L, C]
+            y = self.head(per_step.transpose(1, 2)).transpose(1, 2)
+        if stats is not None:
+            y = self.revin.denormalize(y, stats)
+        return y
+
+
+class MovingAverage(nn.Module):
+    """Moving average along time with edge replication (DLinear's trend extractor)."""
+
+    def __init__(self, kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        front = x[:, :1, :].expand(-1, (self.kernel - 1) // 2, -1)
+        back = x[:, -1:, :].expand(-1, self.kernel // 2, -1)
+        padded = torch.cat([front, x, back], dim=1)
+        return nn.functional.avg_pool1d(padded.transpose(1, 2), self.kernel, stride=1).transpose(1, 2)
+
+
+class DLinear(nn.Module):
+    """DLinear (Zeng et al., AAAI 2023): trend + remainder, one linear map each along time, shared by channels.
+
+    Reads only the last `lookback` rows of a longer input. The `embed` / `backbone` attributes are absent: it
+    has no Titans backbone to transfer.
+    """
+
+    def __init__(self, lookback: int, horizon: int, moving_avg: int = 25, revin: bool = False, channels: int = 1):
+        super().__init__()
+        self.lookback, self.horizon = lookback, horizon
+        self.decompose = MovingAverage(moving_avg)
+        self.seasonal = nn.Linear(lookback, horizon)
+        self.trend = nn.Linear(lookback, horizon)
+        self.revin = RevIN(channels) if revin else None
+        # DLinear's initialisation: every output step starts as the mean of the lookback.
+        for layer in (self.seasonal, self.trend):
+            nn.init.constant_(layer.weight, 1.0 / lookback)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, T, C] → [B, H, C] from the last `lookback` rows."""
+        x = x[:, -self.lookback :, :]
+        stats = None
+        if self.revin is not None:
+            x, stats = self.revin.normalize(x, self.lookback)
+        trend = self.decompose(x)
+        y = self.seasonal((x - trend).transpose(1, 2)) + self.trend(trend.transpose(1, 2))
+        y = y.transpose(1, 2)
+        return self.revin.denormalize(y, stats) if stats is not None else y
+
+
+def build_forecaster(model_cfg: Any, task_cfg: Any, channels: int) -> nn.Module:
+    """The model a `ForecastConfig` asks for: `model = "titans"` (backbone from `model_cfg`) or "dlinear"."""
+    if task_cfg.model == "dlinear":
+        return DLinear(task_cfg.lookback, task_cfg.pred_len, task_cfg.moving_avg, task_cfg.revin, channels)
+    from titans_cli.model import Titans  # imported here: the baseline must not need the backbone
+
+    return TitansForecaster(
+        Titans(model_cfg),
+        model_cfg.dim,
+        channels,
+        task_cfg.lookback,
+        task_cfg.pred_len,
+        layout=task_cfg.layout,
+        patch_len=task_cfg.patch_len,
+        patch_stride=task_cfg.patch_stride,
+        revin=task_cfg.revin,
+        head_dropout=task_cfg.head_dropout,
+    )

@@ -1,0 +1,172 @@
+"""Checkpoints: atomic save, weights-only load, `load_run` to rebuild a trained model, `init_from` transfer.
+
+A checkpoint is a dict of tensors and plain Python values (conventions §8): model, optimizer and schedule
+state, RNG states, step/epoch, early-stopping state, the resolved config as TOML text, the task name and the
+task's meta as JSON text. It is loaded with `torch.load(weights_only=True)`, so a file that needs arbitrary
+unpickling (a crafted payload) is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from titans_cli import __version__
+from titans_cli.config import RunConfig, loads_config
+from titans_cli.errors import DataError, UsageError
+from titans_cli.runs import CHECKPOINTS, is_run_dir
+from titans_cli.runtime import preserved_rng
+
+FORMAT = "titans-checkpoint/1"
+REQUIRED_KEYS = ("format", "task", "config_toml", "meta_json", "model")
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` (plus format and version tags) atomically: temporary file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "titans_version": __version__, **payload}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint` with `weights_only=True`.
+
+    Raises `DataError` for a file that needs arbitrary unpickling (refused, never executed), a corrupt file,
+    or a dict without the titans checkpoint keys; `UsageError` if the file does not exist.
+    """
+    if not path.is_file():
+        raise UsageError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
+        raise DataError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain values "
+            f"(weights-only load failed: {reason}); only use checkpoints written by titans"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise DataError(f"{path}: not a titans checkpoint (missing keys: {', '.join(REQUIRED_KEYS)})")
+    if ckpt["format"] != FORMAT:
+        raise DataError(f"{path}: checkpoint format {ckpt['format']!r}; this titans reads {FORMAT!r}")
+    return ckpt
+
+
+@dataclass
+class LoadedRun:
+    """A trained model rebuilt from one checkpoint, in eval mode on the requested device."""
+
+    cfg: RunConfig
+    task: Any  # tasks.base.Task
+    model: nn.Module
+    meta: dict[str, Any]
+    run_dir: Path
+    checkpoint: Path
+    step: int = 0
+    epoch: int = 0
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_path(run: Path, which: str = "best") -> Path:
+    """`RUN/checkpoints/<which>.pt`, or `run` itself when it is a .pt file; a clear error otherwise."""
+    if run.is_file():
+        return run
+    path = run / CHECKPOINTS / f"{which}.pt"
+    if path.is_file():
+        return path
+    if not run.is_dir():
+        raise UsageError(f"--run {run}: no such run directory")
+    subs = sorted(p.name for p in run.iterdir() if p.is_dir() and is_run_dir(p))
+    if subs:
+        raise UsageError(f"--run {run}: holds sub-runs ({', '.join(subs)}); pass --run {run / subs[0]} or similar")
+    raise UsageError(f"--run {run}: no {CHECKPOINTS}/{which}.pt; is it a finished `titans train` run directory?")
+
+
+def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild task, config and model from `RUN/checkpoints/<which>.pt` alone (or from a .pt path).
+
+    The model is built under `preserved_rng`, so loading a run does not move the caller's random streams.
+    """
+    from tasks import get_task  # the registry lives in the top-level tasks package (imported lazily)
+
+    run_dir = Path(run_dir)
+    path = checkpoint_path(run_dir, which)
+    ckpt = read_checkpoint(path, device="cpu")
+    task = get_task(str(ckpt["task"]))
+    cfg = loads_config(str(ckpt["config_toml"]), lambda name: get_task(name).config_cls, f"{path} [config]")
+    meta = json.loads(str(ckpt["meta_json"]))
+    with preserved_rng():
+        model = task.build_model(cfg, meta)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise DataError(f"{path}: weights do not fit the model its config builds ({' '.join(first[:2])})") from None
+    model.to(device).eval()
+    return LoadedRun(
+        cfg=cfg,
+        task=task,
+        model=model,
+        meta=meta,
+        run_dir=path.parent.parent if run_dir.is_file() else run_dir,
+        checkpoint=path,
+        step=int(ckpt.get("step", 0)),
+        epoch=int(ckpt.get("epoch", 0)),
+        val_metrics=json.loads(str(ckpt.get("val_metrics_json", "{}"))),
+    )
+
+
+def transfer_weights(
+    model: nn.Module, source: Path, required: str = "backbone.", optional: str = "embed."
+) -> tuple[list[str], list[str]]:
+    """`init_from`: copy `backbone.*` (and `embed.*` where shapes agree) from another run's best.pt.
+
+    Args:
+        model: the freshly built task model (its backbone must have the same shapes as the source's).
+        source: a run directory (its checkpoints/best.pt is used) or a .pt file.
+
+    Returns:
+        (loaded parameter names, skipped `embed.*` names whose shapes differ, e.g. another vocabulary).
+    """
+    path = checkpoint_path(source, "best")
+    weights = read_checkpoint(path)["model"]
+    own = model.state_dict()
+    loaded, skipped = [], []
+    for name, tensor in weights.items():
+        if not (name.startswith(required) or name.startswith(optional)):
+            continue
+        if name not in own:
+            raise UsageError(f"train.init_from {source}: {name} has no counterpart here; use the same [model]")
+        if own[name].shape != tensor.shape:
+            if name.startswith(optional):
+                skipped.append(name)
+                continue
+            raise UsageError(
+                f"train.init_from {source}: {name} has shape {tuple(tensor.shape)} there but "
+                f"{tuple(own[name].shape)} here; use the same [model] settings"
+            )
+        own[name] = tensor
+        loaded.append(name)
+    if not any(n.startswith(required) for n in loaded):
+        raise UsageError(f"train.init_from {source}: no {required}* weights in {path}")
+    model.load_state_dict(own)
+    return loaded, skipped

@@ -1,0 +1,1 @@
+"""Test package (unique module names for same-named test files, e.g. tests/tasks/test_dna.py)."""

@@ -96,8 +96,7 @@ class TitansForecaster(nn.Module):
         self.channels, self.lookback, self.horizon, self.layout = channels, lookback, horizon, layout
         self.patch_len, self.patch_stride, self.piece = patch_len, patch_stride, piece
         self.revin = RevIN(channels) if revin else None
-        self.backbone = backbone
-        self.norm = nn.LayerNorm(dim)
+        self.backbone = backbone  # ends with its own RMSNorm
         self.dropout = nn.Dropout(head_dropout)
         if layout == "patch":
             if patch_len > lookback or (lookback - patch_len) % patch_stride:
@@ -130,11 +129,11 @@ class TitansForecaster(nn.Module):
             series = x[:, offset:, :].transpose(1, 2).reshape(b * c, t - offset)  # [B*C, T']
             patches = series.unfold(1, self.patch_len, self.patch_stride)  # [B*C, N, P]
             hidden = _run_backbone(self.backbone, self.embed(patches), self.n_tokens, self.piece)
-            hidden = self.dropout(self.norm(hidden)).reshape(b * c, -1)
+            hidden = self.dropout(hidden).reshape(b * c, -1)
             y = self.head(hidden).reshape(b, c, self.horizon).transpose(1, 2)
         else:
             hidden = _run_backbone(self.backbone, self.embed(x), self.n_tokens, self.piece)
-            per_step = self.head_proj(self.dropout(self.norm(hidden)))  # [B, L, C]
+            per_step = self.head_proj(self.dropout(hidden))  # [B, L, C]
             y = self.head(per_step.transpose(1, 2)).transpose(1, 2)
         if stats is not None:
             y = self.revin.denormalize(y, stats)

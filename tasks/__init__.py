@@ -14,6 +14,7 @@ from titans_cli.errors import UsageError
 # One line per task. Add yours here.
 TASKS: dict[str, str] = {
     # "name": "tasks.<module>:<ATTRIBUTE>",
+    "recall": "tasks.recall:TASK",
     "forecast": "tasks.forecast:TASK",
 }
 

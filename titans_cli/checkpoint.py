@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +56,16 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing them
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
+        # torch's message is a paragraph; the line naming the unsupported global or opcode is the useful one.
+        lines = [ln.strip() for ln in str(err).splitlines() if "nsupported" in ln]
+        reason = lines[0].removeprefix("Please file an issue") if lines else "not a weights-only file"
         raise DataError(
-            f"{path}: refused to load: the file holds objects other than tensors and plain values "
-            f"(weights-only load failed: {reason}); only use checkpoints written by titans"
+            f"{path}: refused to load: not a plain tensors-and-values checkpoint ({reason}); "
+            "only use checkpoints written by titans"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise DataError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None

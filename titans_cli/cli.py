@@ -52,9 +52,10 @@ def _register(target: typer.Typer, name: str, spec: str) -> None:
 
 
 # ---- command registrations: one line per command; add yours here ---------------------------------------
-# _register(app, "train", "titans_cli.commands.train:train")
+_register(app, "train", "titans_cli.commands.train:train")
+_register(app, "eval", "titans_cli.commands.eval:eval_command")
 
 # ---- `titans prepare <recipe>` registrations: one line per recipe; add yours here -----------------------
-# _register(prepare_app, "recall", "titans_cli.commands.prepare:recall")
+_register(prepare_app, "recall", "titans_cli.commands.prepare_recall:recall")
 
 app.add_typer(prepare_app, name="prepare")

@@ -415,3 +415,29 @@ def _defaults(cls: type) -> dict[str, Any]:
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()
     return out
+
+
+# What `titans train --resume RUN` may change: how long and where to train, never what is trained.
+RESUMABLE = frozenset(
+    {
+        "run.data",
+        "train.epochs",
+        "train.max_steps",
+        "train.patience",
+        "train.eval_every",
+        "train.log_every",
+        "train.device",
+        "train.num_workers",
+    }
+)
+
+
+def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
+    """The field paths `new` changes relative to a run's saved config; `UsageError` if any is not resumable."""
+    old_d, new_d = config_to_dict(saved), config_to_dict(new)
+    changed = [f"{s}.{k}" for s in SECTIONS for k in new_d[s] if old_d[s].get(k) != new_d[s][k]]
+    frozen = [path for path in changed if path not in RESUMABLE]
+    if frozen:
+        allowed = ", ".join(sorted(RESUMABLE))
+        raise UsageError(f"--resume keeps the run's config; cannot change {', '.join(frozen)} (may change: {allowed})")
+    return changed

@@ -1,20 +1,24 @@
 """A task's metrics over one split: sequential loader that never drops a sample, batches moved to the device.
 
-Used by the training loop (validation every epoch, test once from best.pt) and by `titans eval`. Tasks
-aggregate sums and counts over every sample exactly once (conventions pitfalls 1-2).
+Used by the training loop (validation every epoch, test once from best.pt) and by `titans eval`
+(`evaluate_run`: a run's best.pt on a split, or every sub-run and their summary). Tasks aggregate sums and
+counts over every sample exactly once (conventions pitfalls 1-2).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from titans_cli.errors import TitansError
+from titans_cli.config import read_toml
+from titans_cli.errors import TitansError, UsageError
+from titans_cli.runs import CHECKPOINTS, CONFIG, is_run_dir
 from titans_cli.runtime import autocast
 
 
@@ -77,3 +81,76 @@ def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
     if best is None:
         return True
     return value > best if higher_is_better else value < best
+
+
+def evaluate_run(
+    run: Path,
+    *,
+    split: str = "test",
+    data_dir: Path | None = None,
+    which: str = "best",
+    device: str = "auto",
+    batch_size: int = 0,
+    opts: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """`titans eval`: metrics of a run's checkpoint on one split, or of every sub-run plus their summary.
+
+    Args:
+        run: a run directory (or a .pt file); a directory of sub-runs evaluates each and calls
+            `task.summarize(results)` when the task has it.
+        split: "test" or "val". data_dir: overrides the config's `run.data`.
+        which: "best" or "last" checkpoint. batch_size: 0 uses the run's evaluation batch size.
+        opts: passed to `task.eval_report(loaded, split, data_dir, **opts)` when the task defines it.
+    """
+    from titans_cli.checkpoint import load_run
+    from titans_cli.runtime import resolve_device
+
+    if split not in ("test", "val"):
+        raise UsageError(f"--split: expected test or val, got {split!r}")
+    opts = dict(opts or {})
+    subs = sorted(p for p in run.iterdir() if p.is_dir() and is_run_dir(p)) if run.is_dir() else []
+    if subs and not (run / CHECKPOINTS).is_dir():
+        from tasks import get_task
+
+        results = {
+            p.name: evaluate_run(
+                p, split=split, data_dir=data_dir, which=which, device=device, batch_size=batch_size, opts=opts
+            )
+            for p in subs
+        }
+        out: dict[str, Any] = {"run": str(run), "split": split, "sub_runs": results}
+        task = get_task(str(read_toml(run / CONFIG, "--run").get("run", {}).get("task", "")))
+        if hasattr(task, "summarize"):
+            out["summary"] = task.summarize(results)
+        return out
+    loaded = load_run(run, which=which, device=resolve_device(device))
+    task, cfg = loaded.task, loaded.cfg
+    data_dir = data_dir or Path(cfg.run.data)
+    if hasattr(task, "eval_report"):
+        metrics = task.eval_report(loaded, split, data_dir, **opts)
+    else:
+        if opts:
+            raise UsageError(f"task {task.name} takes no --opt options")
+        if not data_dir.is_dir():
+            raise UsageError(f"run.data {str(data_dir)!r}: no such directory; pass --data DIR")
+        data = task.load(cfg, data_dir)
+        dataset = data.test if split == "test" else data.val
+        if dataset is None or len(dataset) == 0:
+            raise UsageError(f"{data_dir}: has no {split} split")
+        device_t = next(loaded.model.parameters()).device
+        metrics = evaluate_split(
+            task,
+            loaded.model,
+            dataset,
+            loaded.meta,
+            batch_size=batch_size or cfg.train.eval_batch_size or cfg.train.batch_size,
+            device=device_t,
+            precision=cfg.train.precision,
+        )
+    return {
+        "run": str(loaded.run_dir),
+        "checkpoint": loaded.checkpoint.name,
+        "step": loaded.step,
+        "split": split,
+        **metrics,
+    }

@@ -192,6 +192,12 @@ def environment(device: str, precision: str, seed: int) -> dict[str, Any]:
         "precision": precision,
         "seed": seed,
         "torch_threads": torch.get_num_threads(),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": [_program(), *sys.argv[1:]],
         "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _program() -> str:
+    # `python -m titans_cli` reports argv[0] as .../titans_cli/__main__.py; the user typed the same command.
+    name = Path(sys.argv[0]).name
+    return "titans" if name in ("__main__.py", "titans") else name

@@ -114,7 +114,8 @@ def run(
     log: Log = (lambda _msg: None) if quiet else _stderr
     if not resume:
         runs.prepare_run_dir(run_dir, overwrite)
-        runs.atomic_write_text(run_dir / runs.CONFIG, dumps_toml(cfg))
+    # Also on resume: the only changes allowed there (epochs, max_steps, ...) belong in the saved config.
+    runs.atomic_write_text(run_dir / runs.CONFIG, dumps_toml(cfg))
     subs = list(task.sub_runs(cfg)) if hasattr(task, "sub_runs") else []
     with _interrupt_on_sigint(should_stop) as stop:
         if not subs:
@@ -132,7 +133,7 @@ def run(
             sub_resume = resume and (sub_dir / runs.CHECKPOINTS / "last.pt").is_file()
             if not sub_resume:
                 runs.prepare_run_dir(sub_dir, overwrite=True)
-                runs.atomic_write_text(sub_dir / runs.CONFIG, dumps_toml(sub_cfg))
+            runs.atomic_write_text(sub_dir / runs.CONFIG, dumps_toml(sub_cfg))
             log(f"sub-run {name}")
             results[name] = _train_one(sub_cfg, task, sub_dir, sub_resume, log, progress and not quiet, stop)
             finals[name] = json.loads((sub_dir / runs.METRICS).read_text())

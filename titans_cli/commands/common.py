@@ -75,9 +75,7 @@ def log(message: str, quiet: bool = False) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def emit_result(
-    result: dict[str, Any], json_out: bool, human: Callable[[dict[str, Any]], str] | None = None
-) -> None:
+def emit_result(result: dict[str, Any], json_out: bool, human: Callable[[dict[str, Any]], str] | None = None) -> None:
     """Print a command's result on stdout: one JSON object with `--json`, else readable `key: value` lines."""
     if json_out:
         print(json.dumps(result, default=_json_default, sort_keys=False))
@@ -85,12 +83,23 @@ def emit_result(
     if human is not None:
         print(human(result))
         return
-    for key, value in result.items():
+    for key, value in _flatten(result):
         if isinstance(value, float):
             value = f"{value:.6g}"
-        elif isinstance(value, dict | list):
+        elif isinstance(value, list):
             value = json.dumps(value, default=_json_default)
         print(f"{key}: {value}")
+
+
+def _flatten(obj: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    # Nested results (val/test metrics, sub-runs) read best as dotted keys: `test.accuracy: 0.98`.
+    rows: list[tuple[str, Any]] = []
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            rows.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
 
 
 def _json_default(value: Any) -> Any:

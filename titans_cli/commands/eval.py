@@ -1,0 +1,43 @@
+"""`titans eval`: metrics of a run's best checkpoint on a split (every sub-run plus their summary)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result
+from titans_cli.errors import UsageError
+
+
+def eval_command(
+    run: Annotated[Path, typer.Option(help="Run directory written by `titans train` (or a .pt checkpoint).")],
+    data: Annotated[Path | None, typer.Option(help="Prepared data directory (default: the run's run.data).")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate: test or val.")] = "test",
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size (0: the run's).")] = 0,
+    opt: Annotated[
+        list[str] | None, typer.Option(help="Task-specific option key=value for the task's eval report.")
+    ] = None,
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Evaluate a trained run on its test (or val) split and print the metrics.
+
+    Example: titans eval --run runs/recall-mac --json
+    """
+    from titans_cli.evaluate import evaluate_run
+
+    opts: dict[str, str] = {}
+    for item in opt or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--opt {item!r}: expected key=value")
+        opts[key.strip()] = value.strip()
+    result = evaluate_run(
+        run, split=split, data_dir=data, which=checkpoint, device=device, batch_size=batch_size, opts=opts
+    )
+    emit_result(result, json_out)

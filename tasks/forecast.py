@@ -188,10 +188,29 @@ class ForecastTask:
         return [(f"h{h}", dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, horizon=(h,)))) for h in horizons]
 
     def summarize(self, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Per-horizon metrics and their unweighted average (Table 3 cells are four-horizon means)."""
-        keys = [k for k in ("mse_norm", "mae_norm", "mse", "mae") if all(k in r for r in results.values())]
-        average = {k: sum(float(r[k]) for r in results.values()) / len(results) for k in keys}
-        return {"horizons": {n: {k: r[k] for k in keys} for n, r in results.items()}, "average": average}
+        """Per-horizon metrics and their unweighted average (Table 3 cells are four-horizon means).
+
+        `results` are sub-run results keyed by name: training's flat metrics.json (with its `val` entry) or
+        `eval_report` outputs (the model's metrics under "model", the references beside it).
+        """
+        groups: dict[str, dict[str, dict[str, Any]]] = {}
+        for name, result in results.items():
+            if "model" in result:  # an eval report
+                for ref in ("model", "naive", "seasonal_naive"):
+                    if ref in result:
+                        groups.setdefault(ref, {})[name] = result[ref]
+            else:
+                groups.setdefault("model", {})[name] = result
+                if isinstance(result.get("val"), dict):
+                    groups.setdefault("val", {})[name] = result["val"]
+        out: dict[str, Any] = {}
+        for group, by_name in groups.items():
+            keys = [k for k in ("mse_norm", "mae_norm", "mse", "mae") if all(k in r for r in by_name.values())]
+            out[group] = {
+                "horizons": {n: {k: r[k] for k in keys} for n, r in by_name.items()},
+                "average": {k: sum(float(r[k]) for r in by_name.values()) / len(by_name) for k in keys},
+            }
+        return out
 
     @torch.no_grad()
     def eval_report(
@@ -199,15 +218,20 @@ class ForecastTask:
         loaded: Any,
         split: str = "test",
         data_dir: Path | None = None,
-        season_length: int | None = None,
-        batch_size: int = 256,
-        **_: Any,
+        season_length: int | str | None = None,
+        batch_size: int | str = 256,
+        **unknown: Any,
     ) -> dict[str, Any]:
         """Full report on a split: the model, naive and seasonal-naive forecasts; overall, per step, per channel.
 
         Scaler statistics come from the checkpoint, so another prepared folder (`--data`) is scored in the
         training frame. MASE (with `season_length`) scales by the seasonal-naive MAE on the training rows.
+        Options may arrive as text (`titans eval --opt season_length=24`).
         """
+        if unknown:
+            raise UsageError(f"--opt {next(iter(unknown))}: unknown for forecast; known: season_length, batch_size")
+        season_length = _int_option(season_length, "season_length")
+        batch_size = _int_option(batch_size, "batch_size") or 256
         meta, t = loaded.meta, loaded.cfg.task
         if split not in ts.SPLITS:
             raise UsageError(f"--split {split!r}: choose train, val or test")
@@ -235,6 +259,15 @@ class ForecastTask:
         for name, acc in sums.items():
             report[name] = acc.summary(std=std, channel_names=meta["target_columns"], mase_scale=scale)
         return report
+
+
+def _int_option(value: int | str | None, name: str) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"--opt {name}={value!r}: expected an integer") from None
 
 
 def _collect(
@@ -320,3 +353,51 @@ def forecast_file(
 
 
 TASK = ForecastTask()
+
+
+def plot_forecast(history: pl.DataFrame, forecast: pl.DataFrame, meta: dict[str, Any], path: Path) -> Path:
+    """One panel per forecast channel: the last rows of history and the forecast, in original units (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise UsageError("--plot needs matplotlib: pip install 'titans-cli[plot]'") from err
+    date_col, channels = meta["date_col"], meta["target_columns"]
+    shown = history.tail(max(meta["lookback"], 2 * meta["horizon"]))
+    fig, axes = plt.subplots(len(channels), 1, figsize=(10, 2.2 * len(channels) + 0.6), sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], channels, strict=True):
+        part = forecast.filter(pl.col("series") == name)
+        ax.plot(shown[date_col].to_list(), shown[name].to_list(), color="0.3", lw=1, label="history")
+        ax.plot(part["ds"].to_list(), part["y_pred"].to_list(), color="tab:red", lw=1.2, label="forecast")
+        ax.axvline(shown[date_col][-1], color="0.6", ls="--", lw=0.8)
+        ax.set_ylabel(f"{name}\n(original units)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(loc="upper left", fontsize=8)
+    axes[0, 0].set_title(f"{meta['horizon']}-step forecast after {shown[date_col][-1]} (step {meta['freq']})")
+    axes[-1, 0].set_xlabel(date_col)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_table(frame: pl.DataFrame, path: Path) -> Path:
+    """Write a forecast table as CSV/TSV (dates as `YYYY-MM-DD HH:MM:SS`) or Parquet by suffix, atomically."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".parquet", ".pq"):
+        raise UsageError(f"--out {path}: use a .csv, .tsv or .parquet file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if suffix in (".parquet", ".pq"):
+        frame.write_parquet(tmp)
+    else:
+        sep = "\t" if suffix == ".tsv" else ","
+        frame.write_csv(tmp, separator=sep, datetime_format="%Y-%m-%d %H:%M:%S")
+    tmp.replace(path)
+    return path

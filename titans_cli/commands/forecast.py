@@ -1,0 +1,79 @@
+"""`titans forecast`: forecast `horizon` steps past the end of a file with a trained forecast run.
+
+Wiring only; the work is `tasks.forecast.forecast_file` (dated rows, original units from the stored scaler,
+the memory read over the whole file with `--context all`) and `plot_forecast`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result, log
+from titans_cli.commands.prepare_timeseries import choice
+from titans_cli.errors import UsageError
+
+# The command that serves each task's checkpoints, for a one-line hint on a mismatch.
+_COMMAND_FOR = {"dna": "titans classify", "dna-lm": "titans eval", "recall": "titans eval"}
+
+
+def forecast(
+    run: Annotated[Path, typer.Option(help="A forecast run directory (or one of its .pt checkpoints).")],
+    input_path: Annotated[
+        Path, typer.Option("--input", help="Wide CSV/Parquet with the run's date column and input columns.")
+    ],
+    out: Annotated[Path, typer.Option(help="Forecast table: .csv, .tsv or .parquet (series, cutoff, ds, h, y_pred).")],
+    context: Annotated[
+        str, typer.Option(help="window: the last lookback rows; all: read the whole file through the memory first.")
+    ] = "window",
+    plot: Annotated[Path | None, typer.Option(help="Also draw history and forecast per channel to this PNG.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    json_out: JsonOut = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Forecast past the last row of --input, with real future timestamps, in original units.
+
+    Example: titans forecast --run runs/etth1 --input data/ETTh1/ETTh1.csv --out forecast.csv --context all
+    """
+    from tasks.forecast import forecast_file, plot_forecast, write_table
+    from titans_cli.checkpoint import load_run
+    from titans_cli.runtime import resolve_device
+
+    context = choice(context, ("window", "all"), "--context")
+    choice(checkpoint, ("best", "last"), "--checkpoint")
+    if out.suffix.lower() not in (".csv", ".tsv", ".parquet", ".pq"):
+        raise UsageError(f"--out {out}: use a .csv, .tsv or .parquet file name")
+    loaded = load_run(run, which=checkpoint, device=resolve_device(device))
+    if loaded.task.name != "forecast":
+        hint = _COMMAND_FOR.get(loaded.task.name, "titans eval")
+        raise UsageError(f"--run {run}: a {loaded.task.name!r} run, not a forecast run; use `{hint}`")
+    table, history = forecast_file(loaded, input_path, context)  # type: ignore[arg-type]
+    write_table(table, out)
+    result = {
+        "out": str(out),
+        "rows": table.height,
+        "series": loaded.meta["target_columns"],
+        "horizon": loaded.meta["horizon"],
+        "cutoff": str(table["cutoff"][0]),
+        "first_ds": str(table["ds"][0]),
+        "last_ds": str(table["ds"][-1]),
+        "context_rows": history.height if context == "all" else loaded.meta["lookback"],
+    }
+    if plot is not None:
+        result["plot"] = str(plot_forecast(history, table, loaded.meta, plot))
+    log(f"read {result['context_rows']} rows of {input_path} (--context {context})", quiet)
+    emit_result(result, json_out, _human)
+
+
+def _human(r: dict) -> str:
+    lines = [
+        f"wrote {r['rows']} rows to {r['out']}: {len(r['series'])} series × {r['horizon']} steps",
+        f"from {r['first_ds']} to {r['last_ds']} (cutoff {r['cutoff']}, context {r['context_rows']} rows)",
+    ]
+    if "plot" in r:
+        lines.append(f"plot: {r['plot']}")
+    return "\n".join(lines)

@@ -80,10 +80,12 @@ class NeuralMemory(nn.Module):
         self.conv = CausalDepthwiseConv(3 * dim, conv_kernel)
         self.gates = nn.Linear(dim, 3 * heads)
         with torch.no_grad():
-            # α ≈ 0.0025 (a half-life of ~280 tokens, so long-range recall is learnable from the start), η ≈ 0.9,
-            # θ ≈ θ_max / 2 (spec §2.3 proposes α ≈ 0.018; the gate is data-dependent and can learn either way).
+            # Initial gates: α ≈ 0.0025 (half-life ~280 tokens, so long-range recall is learnable from the start),
+            # η ≈ 0.5, θ ≈ 0.12·θ_max. The spec's proposal (η ≈ 0.9, θ ≈ θ_max/2) diverges within a few hundred
+            # tokens at chunk 64: each chunk-end step sums ~b correlated gradients (SiLU keys share a positive mean)
+            # amplified by 1/(1−η), i.e. mini-batch GD with too large a step. The gates are learned either way.
             self.gates.weight.mul_(0.1)
-            self.gates.bias.copy_(torch.tensor([-6.0] * heads + [2.2] * heads + [0.0] * heads))
+            self.gates.bias.copy_(torch.tensor([-6.0] * heads + [0.0] * heads + [-2.0] * heads))
         d = self.head_dim
         dims = [d] + [expansion * d] * (depth - 1) + [d]
         # Learned initial memory M_0, real [H, ...] parameters (not expanded views: titans-pytorch#64) (A5).

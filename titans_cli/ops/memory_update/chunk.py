@@ -22,11 +22,18 @@ from torch import Tensor
 from titans_cli.ops.memory_update.mlp import ACTIVATIONS, mlp_inner_grad_factors
 from titans_cli.ops.memory_update.state import MemoryState
 
-# Gates are clamped away from 0 before the log so that ratios of products never become 0/0 (spec §3.2).
-_GATE_FLOOR = 1e-6
 # Coefficients below e^-69 ≈ 1e-30 are zeroed: float32 denormals there take a slow microcode path on x86
 # (performance.md: 3-4x slower steps) and contribute nothing.
 _LOG_FLOOR = -69.0
+_FLOOR = 1e-30
+# Gates are clamped away from 0 before the log so that ratios of products never become 0/0 or −inf − (−inf)
+# (spec §3.2). The floor sits just below e^_LOG_FLOOR, so a gate that is exactly 0 still gives exact zeros.
+_GATE_FLOOR = 0.9 * _FLOOR
+
+
+def _flush(x: Tensor) -> Tensor:
+    """Zero non-negative coefficients below `_FLOOR` (sums of products can land in the denormal range)."""
+    return torch.where(x < _FLOOR, torch.zeros_like(x), x)
 
 
 def _decay_matrix(log_cum: Tensor) -> Tensor:
@@ -51,11 +58,11 @@ def chunk_coefficients(
     log_eta = torch.log(torch.clamp(eta, min=_GATE_FLOOR)).cumsum(-1)
     decay = _decay_matrix(log_keep)  # D
     momentum = _decay_matrix(log_eta)  # P
-    beta = log_keep.exp()
-    e = log_eta.exp()
-    gamma = (decay @ e.unsqueeze(-1)).squeeze(-1)
-    c = (decay @ momentum) * theta.unsqueeze(-2)
-    theta_p = theta * momentum[..., -1, :]
+    beta = _flush(log_keep.exp())
+    e = _flush(log_eta.exp())
+    gamma = _flush((decay @ e.unsqueeze(-1)).squeeze(-1))
+    c = _flush((decay @ momentum) * theta.unsqueeze(-2))
+    theta_p = _flush(theta * momentum[..., -1, :])
     return beta, gamma, e, c, theta_p
 
 

@@ -1,0 +1,147 @@
+"""The chunked closed form (chunk.py) against the per-token reference (recurrent.py) and the paper's special cases.
+
+Float64 throughout, so tolerances are round-off tight: outputs, final state and every gradient must agree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titans_cli.errors import UsageError
+from titans_cli.ops.memory_update import MemoryState, chunk_memory_update, memory_update, recurrent_memory_update
+from titans_cli.ops.memory_update.chunk import chunk_coefficients
+from titans_cli.ops.memory_update.mlp import ACTIVATIONS, mlp_forward, mlp_inner_grad_factors
+
+B, H, D, HIDDEN = 2, 3, 5, 7
+
+
+def _inputs(T: int, depth: int, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    dims = [D] + [HIDDEN] * (depth - 1) + [D]
+    init = [(torch.randn(H, dims[i], dims[i + 1], generator=g, dtype=dtype) / dims[i] ** 0.5) for i in range(depth)]
+    q = F.normalize(torch.randn(B, H, T, D, generator=g, dtype=dtype), dim=-1)
+    k = F.normalize(torch.randn(B, H, T, D, generator=g, dtype=dtype), dim=-1)
+    v = torch.randn(B, H, T, D, generator=g, dtype=dtype)
+    alpha = 0.2 * torch.rand(B, H, T, generator=g, dtype=dtype)
+    eta = torch.rand(B, H, T, generator=g, dtype=dtype)
+    theta = 0.5 * torch.rand(B, H, T, generator=g, dtype=dtype)
+    tensors = [q, k, v, alpha, eta, theta, *init]
+    return [t.requires_grad_() for t in tensors]
+
+
+def _run(fn, tensors, depth, **kw):
+    q, k, v, alpha, eta, theta, *init = tensors
+    y, state = fn(q, k, v, alpha, eta, theta, MemoryState.initial(init, B), **kw)
+    # A loss that touches the outputs and every part of the final state, so all gradient paths are compared.
+    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    loss = (y * w).sum() + sum((s**2).sum() for s in state.weights) + sum((s**3).sum() for s in state.surprise)
+    grads = torch.autograd.grad(loss, tensors)
+    return y, state, grads
+
+
+NAMES = ["q", "k", "v", "alpha", "eta", "theta"]
+
+
+def _assert_same(ref, out, tol):
+    (y1, s1, g1), (y2, s2, g2) = ref, out
+    torch.testing.assert_close(y2, y1, atol=tol, rtol=tol, msg="outputs")
+    for l, (a, b) in enumerate(zip(s1.weights, s2.weights, strict=True)):
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol, msg=f"final weights of layer {l}")
+    for l, (a, b) in enumerate(zip(s1.surprise, s2.surprise, strict=True)):
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol, msg=f"final surprise of layer {l}")
+    assert s1.position == s2.position
+    for i, (a, b) in enumerate(zip(g1, g2, strict=True)):
+        name = NAMES[i] if i < len(NAMES) else f"M_0[{i - len(NAMES)}]"
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("read", ["inclusive", "strict"])
+def test_chunk_of_one_equals_per_token_recurrence(depth, read):
+    tensors = _inputs(T=13, depth=depth)
+    ref = _run(recurrent_memory_update, tensors, depth, chunk_size=1, read=read)
+    out = _run(chunk_memory_update, tensors, depth, chunk_size=1, read=read)
+    _assert_same(ref, out, 1e-10)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk_size", [4, 8])
+@pytest.mark.parametrize("read", ["inclusive", "strict"])
+def test_chunked_equals_recurrence_with_gradients_frozen_at_chunk_starts(depth, chunk_size, read):
+    tensors = _inputs(T=19, depth=depth, seed=1)  # 19 is not a multiple of the chunk: partial last chunk
+    ref = _run(recurrent_memory_update, tensors, depth, chunk_size=chunk_size, read=read)
+    out = _run(chunk_memory_update, tensors, depth, chunk_size=chunk_size, read=read)
+    _assert_same(ref, out, 1e-10)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_hand_written_inner_gradients_equal_autograd(activation):
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(2, 4, 6, generator=g, dtype=torch.float64), torch.randn(2, 6, 6, generator=g,
+               dtype=torch.float64), torch.randn(2, 6, 4, generator=g, dtype=torch.float64)]  # fmt: skip
+    k = torch.randn(2, 1, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 1, 4, generator=g, dtype=torch.float64)
+    leaves = [w.clone().requires_grad_() for w in weights]
+    loss = 0.5 * (mlp_forward(leaves, k, activation) - v).pow(2).sum()
+    expected = torch.autograd.grad(loss, leaves)
+    inputs, errors = mlp_inner_grad_factors(weights, k, v, activation)
+    for l in range(3):
+        torch.testing.assert_close(inputs[l].transpose(-1, -2) @ errors[l], expected[l], atol=1e-12, rtol=1e-12)
+
+
+def test_no_momentum_linear_memory_is_a_delta_rule_with_forget_gate():
+    """η = 0, L_M = 1 (spec §5.5): M_t = (1−α_t) M_{t−1} − θ_t (M_{t−1} k_t − v_t) k_tᵀ, column convention."""
+    T = 9
+    q, k, v, alpha, _, theta, w0 = (t.detach() for t in _inputs(T=T, depth=1, seed=2))
+    eta = torch.zeros_like(alpha)
+    y, state = chunk_memory_update(q, k, v, alpha, eta, theta, MemoryState.initial([w0], B), chunk_size=1)
+    M = w0.transpose(-1, -2).expand(B, H, D, D).clone()  # column convention: M k = (k W)ᵀ
+    for t in range(T):
+        kt, vt = k[:, :, t, :, None], v[:, :, t, :, None]
+        a, th = alpha[:, :, t, None, None], theta[:, :, t, None, None]
+        M = (1 - a) * M - th * (M @ kt - vt) @ kt.transpose(-1, -2)
+        torch.testing.assert_close(y[:, :, t], (M @ q[:, :, t, :, None]).squeeze(-1), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(state.weights[0].transpose(-1, -2), M, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("T", [3, 11])
+def test_partial_chunks_are_written(T):
+    """A sequence shorter than the chunk, or a trailing partial chunk, still updates the memory (titans-pytorch#59)."""
+    q, k, v, alpha, eta, theta, w0, w1 = (t.detach() for t in _inputs(T=T, depth=2))
+    state0 = MemoryState.initial([w0, w1], B)
+    _, state = chunk_memory_update(q, k, v, alpha, eta, theta, state0, chunk_size=8)
+    assert state.position == T
+    assert (state.weights[0] - state0.weights[0]).abs().max() > 1e-3
+    _, ref = recurrent_memory_update(q, k, v, alpha, eta, theta, state0, chunk_size=8)
+    torch.testing.assert_close(state.weights[1], ref.weights[1], atol=1e-12, rtol=1e-12)
+
+
+def test_coefficients_match_products_and_stay_free_of_denormals():
+    g = torch.Generator().manual_seed(4)
+    alpha, eta, theta = (torch.rand(6, generator=g, dtype=torch.float64) for _ in range(3))
+    beta, gamma, e, c, theta_p = chunk_coefficients(alpha, eta, theta)
+    for i in range(6):
+        assert beta[i] == pytest.approx(torch.prod(1 - alpha[: i + 1]).item(), rel=1e-12)
+        d = [torch.prod(1 - alpha[m + 1 : i + 1]).item() for m in range(i + 1)]
+        p = [[torch.prod(eta[j + 1 : m + 1]).item() for j in range(6)] for m in range(6)]
+        assert gamma[i] == pytest.approx(sum(d[m] * torch.prod(eta[: m + 1]).item() for m in range(i + 1)), rel=1e-12)
+        for j in range(6):
+            expected = theta[j].item() * sum(d[m] * p[m][j] for m in range(j, i + 1)) if j <= i else 0.0
+            assert c[i, j].item() == pytest.approx(expected, rel=1e-12, abs=1e-300)
+    # Strong decay over a long chunk: tiny coefficients are exact zeros, never float32 denormals.
+    strong = torch.full((64,), 0.9)
+    _, _, _, c32, _ = chunk_coefficients(strong, strong.clone().fill_(0.1), torch.ones(64))
+    nonzero = c32[c32 != 0]
+    assert nonzero.abs().min() >= torch.finfo(torch.float32).tiny
+
+
+def test_unknown_or_unavailable_kernel_is_a_clear_error():
+    q, k, v, alpha, eta, theta, w0 = (t.detach() for t in _inputs(T=4, depth=1))
+    state = MemoryState.initial([w0], B)
+    with pytest.raises(UsageError, match="expected one of"):
+        memory_update(q, k, v, alpha, eta, theta, state, chunk_size=2, kernel="cuda")
+    y_naive, _ = memory_update(q, k, v, alpha, eta, theta, state, chunk_size=2, kernel="naive")
+    y_torch, _ = memory_update(q, k, v, alpha, eta, theta, state, chunk_size=2, kernel="torch")
+    torch.testing.assert_close(y_naive, y_torch, atol=1e-12, rtol=1e-12)

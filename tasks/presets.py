@@ -53,7 +53,53 @@ def recall_1k() -> RunConfig:
     )
 
 
+def forecast_tiny() -> RunConfig:
+    """CPU smoke run of forecast on a few hundred rows (seconds): lookback 24, horizon 12, one narrow layer."""
+    from tasks.forecast import ForecastConfig
+
+    return RunConfig(
+        run=RunSection(task="forecast"),
+        model=ModelConfig(dim=16, n_layers=1, heads=2, memory_expansion=2, chunk_size=4, n_persistent=2, ffn_mult=2),
+        train=TrainConfig(lr=3e-3, batch_size=16, epochs=1, warmup=0.1, log_every=1),
+        task=ForecastConfig(lookback=24, horizon=(12,), patch_len=8, patch_stride=4),
+    )
+
+
+def _forecast_lmm() -> ModelConfig:
+    # A small LMM for 2 CPU cores; the paper gives no size for its forecaster (spec §6.1, A20).
+    return ModelConfig(
+        variant="lmm", dim=64, n_layers=2, heads=4, memory_expansion=2, chunk_size=16, n_persistent=4, ffn_mult=2
+    )
+
+
+def forecast_small() -> RunConfig:
+    """The README's main job on bundled ETTh1 (minutes on 2 CPU cores): lookback 96, horizon 96, small LMM."""
+    from tasks.forecast import ForecastConfig
+
+    return RunConfig(
+        run=RunSection(task="forecast"),
+        model=_forecast_lmm(),
+        train=TrainConfig(lr=1e-3, batch_size=32, max_steps=600, eval_every=200, eval_batch_size=256, log_every=50),
+        task=ForecastConfig(lookback=96, horizon=(96,)),
+    )
+
+
+def forecast_paper() -> RunConfig:
+    """Table 3 protocol: lookback 96, horizons 96/192/336/720, LMM, early stopping on validation MSE."""
+    from tasks.forecast import ForecastConfig
+
+    return RunConfig(
+        run=RunSection(task="forecast"),
+        model=_forecast_lmm(),
+        train=TrainConfig(lr=1e-3, batch_size=32, epochs=6, patience=2, eval_batch_size=256, log_every=50),
+        task=ForecastConfig(lookback=96, horizon=(96, 192, 336, 720)),
+    )
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "recall_tiny": recall_tiny,
     "recall_1k": recall_1k,
+    "forecast_tiny": forecast_tiny,
+    "forecast_small": forecast_small,
+    "forecast_paper": forecast_paper,
 }

@@ -106,7 +106,8 @@ def test_multi_horizon_run_trains_one_model_each_and_averages(trained, tmp_path)
     assert (run / "h6" / "checkpoints" / "best.pt").is_file() and (run / "h12" / "checkpoints" / "best.pt").is_file()
     summary = json.loads((run / "summary.json").read_text())
     per = summary["model"]["horizons"]
-    assert summary["model"]["average"]["mse_norm"] == pytest.approx((per["h6"]["mse_norm"] + per["h12"]["mse_norm"]) / 2)
+    mean = (per["h6"]["mse_norm"] + per["h12"]["mse_norm"]) / 2
+    assert summary["model"]["average"]["mse_norm"] == pytest.approx(mean)
     res = invoke("eval", "--run", run, "--json")
     assert res.exit_code == 0, res.output
     assert set(json.loads(res.stdout)["summary"]) >= {"model", "naive"}

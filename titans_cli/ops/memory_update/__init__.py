@@ -38,8 +38,31 @@ def memory_update(
         raise UsageError(f"model.kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "naive":
         fn = recurrent_memory_update
-    elif kernel in ("torch", "auto"):
+    elif kernel == "torch" or (kernel == "auto" and not q.is_cuda):
         fn = chunk_memory_update
     else:
-        raise UsageError("kernel='triton' is not available in this build; use 'torch' or 'auto'")
+        # --- Triton selection (Engineer D, triton.py): imported lazily, the package runs without triton ---
+        reason = _triton_unsupported(q, state, chunk_size, activation, read)
+        if reason is None:
+            from titans_cli.ops.memory_update.triton import triton_memory_update as fn
+        elif kernel == "triton":
+            raise UsageError(f"kernel='triton' cannot run here: {reason}; use 'torch' or 'auto'")
+        else:
+            fn = chunk_memory_update
+        # --- end Triton selection ---
     return fn(q, k, v, alpha, eta, theta, state, chunk_size=chunk_size, activation=activation, read=read)
+
+
+# --- Triton selection helper (Engineer D) ---
+def _triton_unsupported(
+    q: Tensor, state: MemoryState, chunk_size: int, activation: str, read: str
+) -> str | None:
+    """Why the Triton kernel cannot run these inputs (triton missing, no CUDA, shapes), or None when it can."""
+    try:
+        from titans_cli.ops.memory_update import triton as triton_kernel
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); install the extra: pip install 'titans-cli[triton]'"
+    return triton_kernel.unsupported_reason(q, state, chunk_size, activation, read)
+
+
+# --- end Triton selection helper ---

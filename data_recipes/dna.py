@@ -82,6 +82,8 @@ def input_kind(opts: DnaPrepareOptions) -> str:
     for name in ("val_frac", "test_frac"):
         if not 0.0 <= getattr(opts, name) < 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1)")
+    if opts.label_col is not None and opts.label_col < 1:
+        raise UsageError("--label-col counts BED columns from 1 (as cut -f)")
     if opts.length is not None and opts.length < 1:
         raise UsageError("--length must be a positive number of bases")
     return kinds[0]

@@ -16,6 +16,8 @@ TASKS: dict[str, str] = {
     # "name": "tasks.<module>:<ATTRIBUTE>",
     "recall": "tasks.recall:TASK",
     "forecast": "tasks.forecast:TASK",
+    "dna": "tasks.dna:TASK",
+    "dna-lm": "tasks.dna_lm:TASK",
 }
 
 

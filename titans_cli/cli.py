@@ -55,9 +55,11 @@ def _register(target: typer.Typer, name: str, spec: str) -> None:
 _register(app, "train", "titans_cli.commands.train:train")
 _register(app, "eval", "titans_cli.commands.eval:eval_command")
 _register(app, "forecast", "titans_cli.commands.forecast:forecast")
+_register(app, "classify", "titans_cli.commands.classify:classify")
 
 # ---- `titans prepare <recipe>` registrations: one line per recipe; add yours here -----------------------
 _register(prepare_app, "recall", "titans_cli.commands.prepare_recall:recall")
 _register(prepare_app, "timeseries", "titans_cli.commands.prepare_timeseries:timeseries")
+_register(prepare_app, "dna", "titans_cli.commands.prepare_dna:prepare_dna")
 
 app.add_typer(prepare_app, name="prepare")

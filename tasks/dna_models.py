@@ -1,0 +1,106 @@
+"""DNA classifiers: the Titans backbone with pooling and a linear head (spec §7, Table 4: "Neural Memory Module"),
+and the GenomicBenchmarks CNN baseline (Grešová et al. 2023), both reading character tokens (A C G T N, pad).
+
+Batches are right-padded. The backbone is causal (causal convolutions, memory written left to right), so padding
+after a sequence never changes its outputs and masked pooling is exact: a prediction does not depend on the
+batch it is in. Sequences longer than `piece_len` are read through the memory state in pieces
+(`backbone(x_piece, state)`, equal to one call on the whole sequence), never truncated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from titans_cli.config import ModelConfig
+from titans_cli.model import Titans
+from titans_cli.sequence import PAD_ID, TOKEN_COMPLEMENT, VOCAB_SIZE
+
+
+def rc_tokens(tokens: Tensor, lengths: Tensor) -> Tensor:
+    """Reverse complement of right-padded token rows `[B, T]`: each row reversed within its length, A↔T, C↔G,
+    N and padding kept (padding stays at the right)."""
+    T = tokens.shape[1]
+    src = lengths.unsqueeze(1) - 1 - torch.arange(T, device=tokens.device).unsqueeze(0)  # [B, T]
+    flipped = tokens.gather(1, src.clamp(min=0))
+    table = torch.tensor(TOKEN_COMPLEMENT, dtype=tokens.dtype, device=tokens.device)
+    return torch.where(src >= 0, table[flipped], torch.full_like(tokens, PAD_ID))
+
+
+class TitansClassifier(nn.Module):
+    """embed → Titans backbone (read in pieces) → masked mean (or last-token) pooling → dropout → linear head."""
+
+    def __init__(self, cfg: ModelConfig, n_classes: int, pooling: str, piece_len: int, head_dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB_SIZE, cfg.dim)
+        self.backbone = Titans(cfg)
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(cfg.dim, n_classes))
+        self.pooling = pooling
+        self.piece_len = piece_len
+
+    def features(self, tokens: Tensor, lengths: Tensor, piece_len: int | None = None) -> Tensor:
+        """Pooled backbone features `[B, dim]` of right-padded tokens `[B, T]` with true `lengths` `[B]`."""
+        T = int(lengths.max())
+        tokens = tokens[:, :T]  # batch columns past the longest sequence are padding only
+        piece = piece_len or self.piece_len or T
+        total = None
+        last = None
+        state = None
+        for start in range(0, T, piece):
+            y, state = self.backbone(self.embed(tokens[:, start : start + piece]), state)  # [B, t, dim]
+            pos = torch.arange(start, start + y.shape[1], device=y.device)
+            mask = (pos.unsqueeze(0) < lengths.unsqueeze(1)).to(y.dtype)  # [B, t]
+            part = (y * mask.unsqueeze(-1)).sum(1)
+            total = part if total is None else total + part
+            # The last real token of a row falls into exactly one piece.
+            hit = (lengths - 1 >= start) & (lengths - 1 < start + y.shape[1])
+            idx = (lengths - 1 - start).clamp(0, y.shape[1] - 1)
+            picked = y[torch.arange(y.shape[0], device=y.device), idx]
+            last = torch.where(hit.unsqueeze(1), picked, picked.new_zeros(()) if last is None else last)
+        if self.pooling == "last":
+            return last
+        return total / lengths.unsqueeze(1).to(total.dtype)
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """Class logits `[B, n_classes]`."""
+        return self.head(self.features(tokens, lengths))
+
+
+class GenomicBenchmarksCNN(nn.Module):
+    """The GenomicBenchmarks CNN (`genomic_benchmarks/models/torch.py`): embedding 100, three Conv1d (16, 8, 4
+    filters, kernel 8) with BatchNorm, ReLU and max-pool 2, then Linear(→512) and Linear(→classes).
+
+    It reads a fixed `input_len`: shorter rows are padded, longer ones cropped (`crop`); `cropped` counts them.
+    Differences from the original: softmax over n classes (it has one sigmoid output, binary only).
+    """
+
+    def __init__(self, n_classes: int, input_len: int, crop: str = "center", embedding_dim: int = 100) -> None:
+        super().__init__()
+        self.input_len = input_len
+        self.crop = crop
+        self.embed = nn.Embedding(VOCAB_SIZE, embedding_dim)
+        layers: list[nn.Module] = []
+        channels = embedding_dim
+        for out in (16, 8, 4):
+            layers += [nn.Conv1d(channels, out, kernel_size=8), nn.BatchNorm1d(out), nn.ReLU(), nn.MaxPool1d(2)]
+            channels = out
+        self.conv = nn.Sequential(*layers, nn.Flatten())
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, embedding_dim, input_len)).shape[1]
+        if flat < 1:
+            raise ValueError(f"task.cnn_length {input_len} is too short for the CNN's three conv+pool stages")
+        self.dense = nn.Sequential(nn.Linear(flat, 512), nn.Linear(512, n_classes))
+
+    def fit_length(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """`[B, input_len]` tokens: rows cropped around `crop` or right-padded."""
+        L = self.input_len
+        offset = {"left": torch.zeros_like(lengths), "right": lengths - L, "center": (lengths - L) // 2}[self.crop]
+        offset = offset.clamp(min=0)
+        pos = offset.unsqueeze(1) + torch.arange(L, device=tokens.device).unsqueeze(0)  # [B, L]
+        padded = torch.nn.functional.pad(tokens, (0, max(0, int(pos.max()) + 1 - tokens.shape[1])), value=PAD_ID)
+        out = padded.gather(1, pos)
+        return torch.where(pos < lengths.unsqueeze(1), out, torch.full_like(out, PAD_ID))
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        x = self.embed(self.fit_length(tokens, lengths)).transpose(1, 2)  # [B, emb, L]
+        return self.dense(self.conv(x))

@@ -250,6 +250,7 @@ class ForecastTask:
         target_idx = [meta["input_columns"].index(c) for c in meta["target_columns"]]
         scale = mase_scale(train_rows[:, target_idx], season_length) if season_length else None
         report: dict[str, Any] = {
+            "task": "forecast",
             "split": split,
             "data": str(data_dir),
             "lookback": t.lookback,
@@ -401,3 +402,43 @@ def write_table(frame: pl.DataFrame, path: Path) -> Path:
         frame.write_csv(tmp, separator=sep, datetime_format="%Y-%m-%d %H:%M:%S")
     tmp.replace(path)
     return path
+
+
+_COLUMNS = ("mse_norm", "mae_norm", "mse", "mae", "mase")
+
+
+def _row(label: str, metrics: dict[str, Any], keys: tuple[str, ...], width: int = 16) -> str:
+    cells = [f"{metrics[k]:>10.4f}" if isinstance(metrics.get(k), int | float) else f"{'-':>10}" for k in keys]
+    return f"{label:<{width}}" + "".join(cells)
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Readable tables for `titans eval` on a forecast run (one run, or sub-runs with their average)."""
+    if "sub_runs" in result:
+        summary = result.get("summary", {})
+        lines = [f"{result.get('split', 'test')} split of {result.get('run')}: one model per horizon (normalized)"]
+        groups = [g for g in ("model", "naive", "seasonal_naive") if g in summary]
+        lines.append(f"{'horizon':<16}" + "".join(f"{g + ' ' + k:>22}" for g in groups for k in ("mse", "mae")))
+        names = list(summary["model"]["horizons"]) + ["average"]
+        for name in names:
+            cells = []
+            for g in groups:
+                m = summary[g]["average"] if name == "average" else summary[g]["horizons"][name]
+                cells += [f"{m['mse_norm']:>22.4f}", f"{m['mae_norm']:>22.4f}"]
+            lines.append(f"{name:<16}" + "".join(cells))
+        return "\n".join(lines)
+    head = (
+        f"{result['split']} split of {result.get('run')} ({result.get('checkpoint')}, step {result.get('step')}) · "
+        f"lookback {result['lookback']} · horizon {result['horizon']} · {result['model']['windows']} windows"
+    )
+    keys = _COLUMNS if result.get("season_length") else _COLUMNS[:4]
+    lines = [head, f"{'':<16}" + "".join(f"{k:>10}" for k in keys)]
+    lines += [_row(name, result[name], keys) for name in ("model", "naive", "seasonal_naive") if name in result]
+    lines += ["", "per channel (model)"]
+    lines += [_row(ch, m, keys) for ch, m in result["model"]["per_channel"].items()]
+    steps = result["model"]["per_step"]["mse_norm"]
+    marks = sorted({1, *(h for h in (24, 48, 96, 192, 336, 720) if h <= len(steps)), len(steps)})
+    lines += ["", "per horizon step (model mse_norm): " + " · ".join(f"h{h} {steps[h - 1]:.4f}" for h in marks)]
+    if result.get("season_length"):
+        lines.append(f"MASE scaled by the seasonal-naive MAE (m = {result['season_length']}) on the training rows")
+    return "\n".join(lines)

@@ -21,6 +21,9 @@ def eval_command(
     opt: Annotated[
         list[str] | None, typer.Option(help="Task-specific option key=value for the task's eval report.")
     ] = None,
+    season_length: Annotated[
+        int | None, typer.Option(help="forecast: season length m for MASE and the seasonal-naive reference.")
+    ] = None,  # forecast (Engineer B): same as --opt season_length=M
     json_out: JsonOut = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -37,7 +40,15 @@ def eval_command(
         if not sep or not key.strip():
             raise UsageError(f"--opt {item!r}: expected key=value")
         opts[key.strip()] = value.strip()
+    if season_length is not None:  # forecast (Engineer B)
+        opts["season_length"] = str(season_length)
     result = evaluate_run(
         run, split=split, data_dir=data, which=checkpoint, device=device, batch_size=batch_size, opts=opts
     )
-    emit_result(result, json_out)
+    human = None
+    first = next(iter(result.get("sub_runs", {}).values()), result)
+    if first.get("task") == "forecast":  # forecast (Engineer B): readable tables instead of key: value lines
+        from tasks.forecast import format_report
+
+        human = format_report
+    emit_result(result, json_out, human)

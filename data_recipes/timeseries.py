@@ -9,7 +9,6 @@ borders, so the splits do not depend on the lookback.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +20,8 @@ from typing import Any, Literal
 import polars as pl
 
 from titans_cli.errors import DataError, UsageError
+from titans_cli.runs import write_json
+from titans_cli.sequence import sha256_file
 
 Fill = Literal["error", "forward", "interpolate"]
 Features = Literal["M", "S", "MS"]
@@ -299,26 +300,6 @@ def fit_scaler(frame: pl.DataFrame, channels: list[str], rows: list[int]) -> dic
     return {"kind": "standard", "fit_rows": list(rows), "mean": mean, "std": std, "constant": constant}
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -415,7 +396,7 @@ def prepare(
         },
         "scaler": scaler,
     }
-    atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 

@@ -33,6 +33,7 @@ class DnaConfig:
 
     model: Literal["titans", "cnn"] = "titans"  # cnn: the GenomicBenchmarks baseline through the same pipeline
     pooling: Literal["mean", "last"] = "mean"  # mean over real tokens (HyenaDNA's head), or the last token
+    bins: int = 1  # mean pooling per relative-position bin, concatenated (1 = plain mean; see dna_models)
     piece_len: int = 0  # Titans reads sequences in pieces of this many tokens; 0 = the longest training sequence
     rc_aug: bool = False  # replace each training sequence by its reverse complement with probability 1/2
     rc_tta: Literal["none", "mean"] = "none"  # evaluation: average the class probabilities of both strands
@@ -44,6 +45,7 @@ class DnaConfig:
     def __post_init__(self) -> None:
         checks = [
             ("piece_len", self.piece_len >= 0, "must be >= 0"),
+            ("bins", self.bins >= 1, "must be >= 1"),
             ("head_dropout", 0 <= self.head_dropout < 1, "must be in [0, 1)"),
             ("cnn_length", self.cnn_length == 0 or self.cnn_length >= 64, "must be 0 or >= 64 (three conv+pool)"),
         ]
@@ -190,9 +192,8 @@ class DnaTask:
         if t.model == "cnn":
             model: nn.Module = GenomicBenchmarksCNN(n_classes, t.cnn_length or meta["max_train_len"], t.cnn_crop)
         else:
-            model = TitansClassifier(
-                cfg.model, n_classes, t.pooling, t.piece_len or meta["max_train_len"], t.head_dropout
-            )
+            piece = t.piece_len or meta["max_train_len"]
+            model = TitansClassifier(cfg.model, n_classes, t.pooling, t.bins, piece, t.head_dropout)
         weights = meta.get("class_weights")
         # Buffers (not saved): the loss and evaluation read these options from the model they are handed.
         model.register_buffer("class_weights", torch.tensor(weights or [1.0] * n_classes), persistent=False)
@@ -217,13 +218,7 @@ class DnaTask:
         return out
 
     def eval_report(
-        self,
-        loaded: Any,
-        split: str = "test",
-        data_dir: Path | None = None,
-        batch_size: int = 64,
-        rc_tta: str | None = None,
-        **_: Any,
+        self, loaded: Any, split: str = "test", data_dir: Path | None = None, **opts: Any
     ) -> dict[str, Any]:
         """Full report on one split: metrics, per-class precision/recall/F1, and the majority-class reference.
 
@@ -234,13 +229,22 @@ class DnaTask:
 
         from titans_cli.evaluate import eval_loader
 
+        unknown = sorted(set(opts) - {"rc_tta", "batch_size"})
+        if unknown:
+            raise UsageError(f"--opt {unknown[0]}: unknown for dna; known: rc_tta=none|mean, batch_size=N")
+        mode = str(opts.get("rc_tta", loaded.cfg.task.rc_tta))
+        if mode not in ("none", "mean"):
+            raise UsageError(f"--opt rc_tta={mode}: expected none or mean")
+        try:
+            batch_size = int(opts.get("batch_size", 64))
+        except ValueError:
+            raise UsageError(f"--opt batch_size={opts['batch_size']}: expected an integer") from None
         meta = loaded.meta
         classes = meta["classes"]
         data_dir = Path(data_dir or loaded.cfg.run.data)
         seqs, labels, _ = read_split(data_dir, split, classes)
         device = next(loaded.model.parameters()).device
         loader = eval_loader(SequenceDataset(seqs, labels), batch_size, device)
-        mode = rc_tta or loaded.cfg.task.rc_tta
         probs, y, _ = predict_proba(loaded.model, loader, mode)
         report: dict[str, Any] = {"split": split, "data": str(data_dir), "rc_tta": mode, "classes": classes}
         report |= classification_metrics(y, probs, len(classes))

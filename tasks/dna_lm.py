@@ -235,9 +235,12 @@ class DnaLmTask:
         nats = total / max(count, 1)
         return {"bits_per_base": nats / math.log(2), "loss": nats, "bases": count, "uniform_bits": 2.0}
 
-    def eval_report(self, loaded: Any, split: str = "val", data_dir: Path | None = None, **_: Any) -> dict[str, Any]:
+    def eval_report(self, loaded: Any, split: str = "val", data_dir: Path | None = None, **opts: Any) -> dict[str, Any]:
         """Bits per base on the validation windows (a FASTA corpus has no test split)."""
         from titans_cli.evaluate import eval_loader
+
+        if opts:
+            raise UsageError(f"--opt {sorted(opts)[0]}: unknown for dna-lm (it takes no options)")
 
         if split not in ("val", "test"):
             raise UsageError(f"--split {split!r}: dna-lm evaluates val (or test of a prepared folder)")

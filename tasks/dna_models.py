@@ -28,38 +28,53 @@ def rc_tokens(tokens: Tensor, lengths: Tensor) -> Tensor:
 
 
 class TitansClassifier(nn.Module):
-    """embed → Titans backbone (read in pieces) → masked mean (or last-token) pooling → dropout → linear head."""
+    """embed → Titans backbone (read in pieces) → pooling → dropout → linear head.
 
-    def __init__(self, cfg: ModelConfig, n_classes: int, pooling: str, piece_len: int, head_dropout: float) -> None:
+    Pooling `mean` averages the real tokens of each of `bins` equal parts of a sequence (relative position:
+    part k holds positions p with floor(p · bins / length) = k) and concatenates the parts; bins = 1 is plain
+    masked mean pooling (HyenaDNA's head). More bins let the head weigh where a motif occurs, as the CNN's
+    position-specific dense layer does. Pooling `last` takes the last real token (the causal summary).
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, n_classes: int, pooling: str, bins: int, piece_len: int, head_dropout: float
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB_SIZE, cfg.dim)
         self.backbone = Titans(cfg)
-        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(cfg.dim, n_classes))
+        self.bins = 1 if pooling == "last" else bins
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(cfg.dim * self.bins, n_classes))
         self.pooling = pooling
         self.piece_len = piece_len
 
     def features(self, tokens: Tensor, lengths: Tensor, piece_len: int | None = None) -> Tensor:
-        """Pooled backbone features `[B, dim]` of right-padded tokens `[B, T]` with true `lengths` `[B]`."""
+        """Pooled backbone features `[B, bins · dim]` of right-padded tokens `[B, T]` with true `lengths` `[B]`."""
         T = int(lengths.max())
         tokens = tokens[:, :T]  # batch columns past the longest sequence are padding only
         piece = piece_len or self.piece_len or T
-        total = None
-        last = None
+        B, K = tokens.shape[0], self.bins
+        rows = torch.arange(B, device=tokens.device)
+        sums = last = None
         state = None
         for start in range(0, T, piece):
             y, state = self.backbone(self.embed(tokens[:, start : start + piece]), state)  # [B, t, dim]
-            pos = torch.arange(start, start + y.shape[1], device=y.device)
-            mask = (pos.unsqueeze(0) < lengths.unsqueeze(1)).to(y.dtype)  # [B, t]
-            part = (y * mask.unsqueeze(-1)).sum(1)
-            total = part if total is None else total + part
+            pos = torch.arange(start, start + y.shape[1], device=y.device).unsqueeze(0)  # [1, t]
+            real = pos < lengths.unsqueeze(1)  # [B, t]
+            which = (pos * K).div(lengths.unsqueeze(1), rounding_mode="floor").clamp(max=K - 1)
+            weight = nn.functional.one_hot(which, K).to(y.dtype) * real.unsqueeze(-1).to(y.dtype)  # [B, t, K]
+            part = weight.transpose(1, 2) @ y  # [B, K, dim]
+            sums = part if sums is None else sums + part
             # The last real token of a row falls into exactly one piece.
             hit = (lengths - 1 >= start) & (lengths - 1 < start + y.shape[1])
-            idx = (lengths - 1 - start).clamp(0, y.shape[1] - 1)
-            picked = y[torch.arange(y.shape[0], device=y.device), idx]
+            picked = y[rows, (lengths - 1 - start).clamp(0, y.shape[1] - 1)]
             last = torch.where(hit.unsqueeze(1), picked, picked.new_zeros(()) if last is None else last)
         if self.pooling == "last":
             return last
-        return total / lengths.unsqueeze(1).to(total.dtype)
+        # Positions per bin: bin k of a row of length n holds ceil((k+1)·n/K) - ceil(k·n/K) positions.
+        k = torch.arange(K + 1, device=lengths.device).unsqueeze(0)
+        edges = (k * lengths.unsqueeze(1) + K - 1).div(K, rounding_mode="floor")  # [B, K+1]
+        counts = (edges[:, 1:] - edges[:, :-1]).clamp(min=1).to(sums.dtype)  # an empty bin (n < K) stays zero
+        return (sums / counts.unsqueeze(-1)).reshape(B, -1)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Class logits `[B, n_classes]`."""

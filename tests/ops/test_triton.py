@@ -164,6 +164,10 @@ def test_bfloat16_inputs_accumulate_in_float32() -> None:
         assert_close(f"final {name}", r, o, TOL_FORWARD)
     (dq,) = torch.autograd.grad(y.float().sum(), inputs[0])
     assert dq.dtype == torch.bfloat16 and torch.isfinite(dq).all()
+    # bf16 autocast around the call must not lower the float32 coefficients or accumulation.
+    with torch.autocast(xs[0].device.type, dtype=torch.bfloat16):
+        y_autocast, _ = triton_memory_update(*xs, state, chunk_size=4)
+    assert torch.equal(y_autocast, y.detach())
 
 
 def test_two_calls_with_carried_state_equal_one_call() -> None:

@@ -372,7 +372,9 @@ class _TritonMemoryUpdate(torch.autograd.Function):
         NS = -(-NC // G)
         save = any(ctx.needs_input_grad)
         gates = (t.reshape(B * H, T) for t in (alpha, eta, theta))
-        coefs = layout_coefficients(*gates, R, b, spec.read)
+        # Under bf16 autocast the O(b²) coefficient matmuls would drop to bf16; keep them float32 (spec §3.2).
+        with torch.autocast(q.device.type, enabled=False):
+            coefs = layout_coefficients(*gates, R, b, spec.read)
         qf, kf, vf = (t.reshape(B * H, T, D).contiguous() for t in (q, k, v))
         y = torch.empty_like(qf)
         w = [_flat(t) for t in state[:L]]

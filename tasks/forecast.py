@@ -194,7 +194,7 @@ class ForecastTask:
         `eval_report` outputs (the model's metrics under "model", the references beside it).
         """
         groups: dict[str, dict[str, dict[str, Any]]] = {}
-        for name, result in results.items():
+        for name, result in sorted(results.items(), key=lambda item: _horizon_key(item[0])):
             if "model" in result:  # an eval report
                 for ref in ("model", "naive", "seasonal_naive"):
                     if ref in result:
@@ -260,6 +260,12 @@ class ForecastTask:
         for name, acc in sums.items():
             report[name] = acc.summary(std=std, channel_names=meta["target_columns"], mase_scale=scale)
         return report
+
+
+def _horizon_key(name: str) -> tuple[int, str]:
+    """Sort sub-runs "h96" < "h192" < "h336" by their horizon, other names after them."""
+    digits = name[1:] if name.startswith("h") else ""
+    return (int(digits), name) if digits.isdigit() else (1 << 30, name)
 
 
 def _int_option(value: int | str | None, name: str) -> int | None:
@@ -418,14 +424,14 @@ def format_report(result: dict[str, Any]) -> str:
         summary = result.get("summary", {})
         lines = [f"{result.get('split', 'test')} split of {result.get('run')}: one model per horizon (normalized)"]
         groups = [g for g in ("model", "naive", "seasonal_naive") if g in summary]
-        lines.append(f"{'horizon':<16}" + "".join(f"{g + ' ' + k:>22}" for g in groups for k in ("mse", "mae")))
+        lines.append(f"{'horizon':<10}" + "".join(f"{g + ' ' + k:>20}" for g in groups for k in ("mse", "mae")))
         names = list(summary["model"]["horizons"]) + ["average"]
         for name in names:
             cells = []
             for g in groups:
                 m = summary[g]["average"] if name == "average" else summary[g]["horizons"][name]
-                cells += [f"{m['mse_norm']:>22.4f}", f"{m['mae_norm']:>22.4f}"]
-            lines.append(f"{name:<16}" + "".join(cells))
+                cells += [f"{m['mse_norm']:>20.4f}", f"{m['mae_norm']:>20.4f}"]
+            lines.append(f"{name:<10}" + "".join(cells))
         return "\n".join(lines)
     head = (
         f"{result['split']} split of {result.get('run')} ({result.get('checkpoint')}, step {result.get('step')}) · "

@@ -114,9 +114,8 @@ def test_forward_and_final_state_match_torch_path(
 
 def _gradients(fn, xs, state, dtype, b, seed=1):
     """Gradients of a random linear functional of y and of every final-state tensor, w.r.t. every input."""
-    wide = torch.promote_types(
-        dtype, torch.float32
-    )  # gates and state stay at least float32, like NeuralMemory
+    # Gates and state stay at least float32, as NeuralMemory passes them.
+    wide = torch.promote_types(dtype, torch.float32)
     inputs = [x.detach().to(dtype if x.dim() == 4 else wide).requires_grad_() for x in xs]
     start, leaves = _cast_state(state, wide, leaves=True)
     y, out = fn(*inputs, start, chunk_size=b)

@@ -92,23 +92,23 @@ def _chunk_step(
         r_c = torch.cat([torch.zeros_like(c[..., :1, :]), c[..., :-1, :]], dim=-2)
     h = q
     n_layers = len(weights)
-    for l in range(n_layers):
-        a, d = inputs[l], errors[l]
-        # Dual form (spec §3.3): h W_i = β_i h W_0 + γ_i h S_0 − Σ_j C_ij (h·a_j) δ_j
-        z = r_beta.unsqueeze(-1) * (h @ weights[l]) + r_gamma.unsqueeze(-1) * (h @ surprise[l])
-        z = z - (r_c * (h @ a.transpose(-1, -2))) @ d
-        h = act(z) if l < n_layers - 1 else z
     new_w, new_s = [], []
     c_end = c[..., -1, :].unsqueeze(-1)  # C_{n,:}
     tp = theta_p.unsqueeze(-1)
-    b_end = beta[..., -1, None, None]
-    g_end = gamma[..., -1, None, None]
-    e_end = e[..., -1, None, None]
+    b_end, g_end, e_end = beta[..., -1, None, None], gamma[..., -1, None, None], e[..., -1, None, None]
     for l in range(n_layers):
-        a_t = inputs[l].transpose(-1, -2)
-        # Chunk end (spec §3.2): Σ_j c_j a_jᵀ δ_j = Aᵀ diag(c) Δ
-        new_w.append(b_end * weights[l] + g_end * surprise[l] - a_t @ (c_end * errors[l]))
-        new_s.append(e_end * surprise[l] - a_t @ (tp * errors[l]))
+        a, d, w, s = inputs[l], errors[l], weights[l], surprise[l]
+        d_out = w.shape[-1]
+        # Dual form (spec §3.3): h W_i = β_i h W_0 + γ_i h S_0 − Σ_j C_ij (h·a_j) δ_j; W_0 and S_0 are read with one
+        # matmul of the concatenated [W_0 | S_0].
+        hws = h @ torch.cat([w, s], dim=-1)
+        z = r_beta.unsqueeze(-1) * hws[..., :d_out] + r_gamma.unsqueeze(-1) * hws[..., d_out:]
+        z = z - (r_c * (h @ a.transpose(-1, -2))) @ d
+        h = act(z) if l < n_layers - 1 else z
+        # Chunk end (spec §3.2): Σ_j c_j a_jᵀ δ_j = Aᵀ diag(c) Δ, for M and S in one matmul.
+        g = a.transpose(-1, -2) @ torch.cat([c_end * d, tp * d], dim=-1)
+        new_w.append(b_end * w + g_end * s - g[..., :d_out])
+        new_s.append(e_end * s - g[..., d_out:])
     return h, new_w, new_s
 
 

@@ -96,10 +96,23 @@ def forecast_paper() -> RunConfig:
     )
 
 
+def dna_tiny() -> RunConfig:
+    """CPU smoke run of DNA classification on the GUE fixture (seconds): one narrow LMM layer."""
+    from tasks.dna import DnaConfig
+
+    return RunConfig(
+        run=RunSection(task="dna"),
+        model=ModelConfig(dim=16, n_layers=1, heads=2, chunk_size=16, memory_expansion=2, n_persistent=2, ffn_mult=2),
+        train=TrainConfig(lr=3e-3, batch_size=16, epochs=1, warmup=0.1, log_every=1),
+        task=DnaConfig(),
+    )
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "recall_tiny": recall_tiny,
     "recall_1k": recall_1k,
     "forecast_tiny": forecast_tiny,
     "forecast_small": forecast_small,
     "forecast_paper": forecast_paper,
+    "dna_tiny": dna_tiny,
 }

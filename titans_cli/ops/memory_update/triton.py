@@ -3,11 +3,11 @@
 The forward runs one program per (batch, head) (depth 1: also per value-column tile) that loops over the
 chunks in order, carrying the state: per chunk it takes the inner gradients at the chunk-start weights
 (Eq. 12, closed form), reads every token by the dual form (spec §3.3) and writes the chunk-end state
-(Eqs. 13-14, §3.2).
-The per-chunk coefficients β, γ, E, C, θP are O(b²) and are built in torch with the same log-space formulas
-as chunk.py. The backward is NOT a Triton kernel: it recomputes segments of chunks with the torch closed form
-(`chunk_memory_update`) from state checkpoints saved by the forward, and back-propagates through them with
-autograd. README.md in this folder has the derivation, the tiling and the shape legend.
+(Eqs. 13-14, §3.2). The per-chunk coefficients β, γ, E, C, θP are O(b²) and come from chunk.py's
+`chunk_coefficients` (torch), so both paths use the same numbers. The backward is NOT a Triton kernel: it
+recomputes segments of chunks with the torch closed form (`chunk_memory_update`) from state checkpoints saved
+by the forward, and back-propagates through them with autograd. README.md in this folder has the derivation,
+the tiling and the shape legend.
 
 Shape legend: B batch, H heads, T tokens, D head dim, F memory hidden width, b chunk size, BH = B·H programs,
 NC chunks in this call, NS checkpoint segments; BT/BD/BF/BV power-of-two tiles of b, D, F and value columns.
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from titans_cli.ops.memory_update.chunk import _GATE_FLOOR, _decay_matrix, chunk_memory_update
+from titans_cli.ops.memory_update.chunk import chunk_coefficients, chunk_memory_update
 from titans_cli.ops.memory_update.state import MemoryState
 
 # Triton reads TRITON_INTERPRET when the kernels below are decorated; then they run on CPU tensors (tests).
@@ -277,9 +277,9 @@ def layout_coefficients(
 ) -> list[Tensor]:
     """Per-chunk coefficients in the kernel's chunk layout, float32, from gates `[BH, T]`.
 
-    Chunk c holds tokens t = c·b − offset + i, i < b; slots outside [0, T) get the gates
-    (α, η, θ) = (0, 1, 0), so β and E carry through them, and their column m is removed from the sums over m
-    in γ = D E and C = (D P) diag θ (such a slot is not an identity token: M_t = M_{t−1} + S_t still adds S).
+    Chunk c holds tokens t = c·b − offset + i in slots i < b. Each chunk's coefficients are exactly the torch
+    path's (`chunk_coefficients` on that chunk's own tokens: a partial first or last chunk is a shorter chunk,
+    not a padded one); slots without a token get zeros, which the kernels never read into the state.
 
     Args:
         alpha, eta, theta: `[BH, T]` gates.
@@ -292,28 +292,34 @@ def layout_coefficients(
     """
     BH, T = alpha.shape
     NC = -(-(T + offset) // b)
-    pad = (offset, NC * b - T - offset)
-    valid = torch.nn.functional.pad(torch.ones_like(alpha), pad).view(BH, NC, b)
-    a = torch.nn.functional.pad(alpha.float(), pad).view(BH, NC, b)
-    e = torch.nn.functional.pad(eta.float(), pad, value=1.0).view(BH, NC, b)
-    th = torch.nn.functional.pad(theta.float(), pad).view(BH, NC, b)
-    # Same log-space construction and floors as chunk.py (spec §3.2 numerics).
-    log_keep = torch.log(torch.clamp(1.0 - a, min=_GATE_FLOOR)).cumsum(-1)
-    log_eta = torch.log(torch.clamp(e, min=_GATE_FLOOR)).cumsum(-1)
-    decay = _decay_matrix(log_keep) * valid.unsqueeze(-2)  # D with the columns of empty slots removed
-    momentum = _decay_matrix(log_eta)
-    beta, big_e = log_keep.exp(), log_eta.exp()
-    gamma = (decay @ big_e.unsqueeze(-1)).squeeze(-1)
-    c = (decay @ momentum) * th.unsqueeze(-2)
-    theta_p = th * momentum[..., -1, :]
-    if read == "inclusive":
-        r_beta, r_gamma, r_c = beta, gamma, c
-    else:  # strict read y_i = M_{i−1}(q_i): the previous row, row 0 being the chunk-start state
-        r_beta = torch.cat([torch.ones_like(beta[..., :1]), beta[..., :-1]], dim=-1)
-        r_gamma = torch.cat([torch.zeros_like(gamma[..., :1]), gamma[..., :-1]], dim=-1)
-        r_c = torch.cat([torch.zeros_like(c[..., :1, :]), c[..., :-1, :]], dim=-2)
-    out = [r_beta, r_gamma, r_c, beta[..., -1], gamma[..., -1], big_e[..., -1], c[..., -1, :], theta_p]
-    return [t.contiguous() for t in out]
+    vec = alpha.new_zeros(BH, NC, b, dtype=torch.float32)
+    r_beta, r_gamma, c_end, tp_end = vec, vec.clone(), vec.clone(), vec.clone()
+    r_c = alpha.new_zeros(BH, NC, b, b, dtype=torch.float32)
+    b_end, g_end, e_end = (alpha.new_zeros(BH, NC, dtype=torch.float32) for _ in range(3))
+    # (chunks, tokens, first slot): the first chunk, the full middle chunks batched, the last chunk.
+    first = min(b - offset, T)
+    groups = [(slice(0, 1), slice(0, first), offset)]
+    if NC > 1:
+        last = (NC - 1) * b - offset
+        groups += [(slice(1, NC - 1), slice(first, last), 0), (slice(NC - 1, NC), slice(last, T), 0)]
+    for chunks, tokens, slot in groups:
+        n_chunks = chunks.stop - chunks.start
+        if n_chunks == 0:
+            continue
+        gates = (g[:, tokens].float().reshape(BH, n_chunks, -1) for g in (alpha, eta, theta))
+        beta, gamma, e, c, theta_p = chunk_coefficients(*gates)
+        n = beta.shape[-1]
+        if read == "inclusive":
+            rb, rg, rc = beta, gamma, c
+        else:  # strict read y_i = M_{i−1}(q_i): the previous row, row 0 being the chunk-start state
+            rb = torch.cat([torch.ones_like(beta[..., :1]), beta[..., :-1]], dim=-1)
+            rg = torch.cat([torch.zeros_like(gamma[..., :1]), gamma[..., :-1]], dim=-1)
+            rc = torch.cat([torch.zeros_like(c[..., :1, :]), c[..., :-1, :]], dim=-2)
+        slots = slice(slot, slot + n)
+        r_beta[:, chunks, slots], r_gamma[:, chunks, slots], r_c[:, chunks, slots, slots] = rb, rg, rc
+        b_end[:, chunks], g_end[:, chunks], e_end[:, chunks] = beta[..., -1], gamma[..., -1], e[..., -1]
+        c_end[:, chunks, slots], tp_end[:, chunks, slots] = c[..., -1, :], theta_p
+    return [r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp_end]
 
 
 def unsupported_reason(

@@ -34,7 +34,7 @@ test: lint
 	$(BIN)/pytest -q
 
 bench: $(VENV)/.installed-dev
-	$(BIN)/pip install -q -c <(echo torch==2.13.0) -e '.[bench]'
+	$(BIN)/pip install -q -c bench/constraints.txt -e '.[bench]'
 	$(BIN)/python bench/memory.py
 
 clean:

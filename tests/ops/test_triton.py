@@ -27,7 +27,7 @@ from titans_cli.ops.memory_update import triton as kernel_module  # noqa: E402
 from titans_cli.ops.memory_update.triton import triton_memory_update  # noqa: E402
 
 GATES = ("alpha", "eta", "theta")
-# Relative-RMS tolerances of the float32 kernel against the float64 torch path (measured: 1e-7 to 3e-6).
+# Relative-RMS tolerances of the float32 kernel against the float64 torch path (measured: 1e-7 to 7e-6, dη).
 TOL_FORWARD = 2e-6
 TOL_GRAD = {"q": 1e-5, "k": 1e-5, "v": 1e-5, "alpha": 5e-5, "eta": 5e-5, "theta": 5e-5, "state": 1e-5}
 

@@ -13,6 +13,7 @@ query (the attention prefix) and removed from the output. Every block carries an
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 
@@ -168,7 +169,7 @@ class LayerState:
     read_tail: Tensor | None = None  # MAC: conv context of the retrieval stream
 
 
-class Block(nn.Module):
+class Block(nn.Module, abc.ABC):
     """Pre-norm residual block: `x + mixer(norm(x))`, then `x + FFN(norm(x))` when ffn_mult > 0."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -179,12 +180,13 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.ffn_mult, cfg.dropout) if cfg.ffn_mult else None
         self.drop = nn.Dropout(cfg.dropout)
 
+    @abc.abstractmethod
     def start(self, prefix: Tensor, batch: int) -> tuple[Tensor, LayerState]:
         """Process the persistent prefix `[B, p, dim]` at the start of a sequence; returns its new hidden states."""
-        raise NotImplementedError
 
     def mix(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
-        raise NotImplementedError
+        """The sequence mixer of the block on normalised inputs; blocks with two sub-layers override forward."""
+        raise TypeError(f"{type(self).__name__} overrides forward and has no single mixer")
 
     def forward(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         y, state = self.mix(self.norm(x), state)

@@ -167,9 +167,14 @@ def _toml_value(value: Any, path: str) -> str:
     raise ValueError(f"{path}: cannot write {type(value).__name__} to TOML")
 
 
+def _toml_escape(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def _toml_string(text: str) -> str:
     escapes = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-    body = "".join(escapes.get(c, c if c.isprintable() else f"\\u{ord(c):04x}") for c in text)
+    body = "".join(escapes.get(c, c if c.isprintable() else _toml_escape(c)) for c in text)
     return f'"{body}"'
 
 
@@ -314,8 +319,8 @@ def _coerce(value: Any, tp: Any, path: str, text: bool) -> Any:
     """Check (TOML values) or parse (command-line text) one value against a field's type annotation."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if text and value.strip().lower() in ("none", "null") and type(None) in args:
-            return None
+        if type(None) in args and (value is None or (text and value.strip().lower() in ("none", "null"))):
+            return None  # None comes from presets (TOML has no null); "none" from the command line
         options = [a for a in args if a is not type(None)]
         errors = []
         for option in options:

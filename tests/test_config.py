@@ -1,0 +1,165 @@
+"""Run config: strict keys and types, layer precedence, `--set` parsing, TOML round trip, resume rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from titans_cli.config import (
+    ModelConfig,
+    RunConfig,
+    RunSection,
+    TrainConfig,
+    check_resume_changes,
+    dumps_toml,
+    load_config,
+    loads_config,
+)
+from titans_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DemoTaskConfig:
+    """A [task] section with every supported field type."""
+
+    horizon: tuple[int, ...] = (96,)
+    model: Literal["titans", "dlinear"] = "titans"
+    rc_aug: bool = False
+    scale: float = 1.0
+    label: str = ""
+    limit: int | None = None
+
+
+def resolve(name: str) -> type:
+    if name != "demo":
+        raise UsageError(f"unknown task {name!r}")
+    return DemoTaskConfig
+
+
+def load(**kwargs: object) -> RunConfig:
+    flags = {"run.task": ("--task", "demo"), **kwargs.pop("flags", {})}  # type: ignore[dict-item]
+    return load_config(resolve_task=resolve, flags=flags, **kwargs)  # type: ignore[arg-type]
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_wrong_type_in_file_names_file_and_field(tmp_path):
+    path = write(tmp_path, '[train]\nlr = "3e-4"\n')
+    with pytest.raises(UsageError, match=r"run.toml: train.lr: expected float, got str"):
+        load(config_file=path)
+    with pytest.raises(UsageError, match=r"train.epochs: expected int, got bool"):
+        load(config_file=write(tmp_path, "[train]\nepochs = true\n"))
+    with pytest.raises(UsageError, match=r"task.horizon\[1\]: expected int, got str"):
+        load(config_file=write(tmp_path, '[task]\nhorizon = [96, "x"]\n'))
+
+
+def test_unknown_keys_and_sections_are_errors_with_a_suggestion(tmp_path):
+    with pytest.raises(UsageError, match=r"train.lrr: unknown key; did you mean train.lr\?"):
+        load(config_file=write(tmp_path, "[train]\nlrr = 0.1\n"))
+    with pytest.raises(UsageError, match=r"\[optim\]: unknown section"):
+        load(config_file=write(tmp_path, "[optim]\nlr = 0.1\n"))
+    with pytest.raises(UsageError, match="--set: model.nope: unknown key"):
+        load(sets=["model.nope=1"])
+    # Even a key that a flag overrides must be valid in the file.
+    with pytest.raises(UsageError, match="train.lrr"):
+        load(config_file=write(tmp_path, "[train]\nlrr = 0.1\n"), flags={"train.lr": ("--lr", 0.2)})
+
+
+def test_flag_for_a_field_the_task_lacks_is_rejected():
+    with pytest.raises(UsageError, match="^--lookback does not apply to task demo$"):
+        load(flags={"task.lookback": ("--lookback", 96)})
+
+
+def test_precedence_flags_over_set_over_file_over_preset(tmp_path):
+    preset = RunConfig(RunSection(task="demo"), ModelConfig(), TrainConfig(lr=0.1, epochs=7), DemoTaskConfig())
+    path = write(tmp_path, "[train]\nlr = 0.2\n")
+    layers = {
+        "preset": {"preset": preset},
+        "file": {"config_file": path},
+        "set": {"sets": ["train.lr=0.3"]},
+        "flag": {"flags": {"train.lr": ("--lr", 0.4)}},
+    }
+    expected = {"preset": 0.1, "file": 0.2, "set": 0.3, "flag": 0.4}
+    names = list(layers)
+    for top in range(len(names)):
+        kwargs: dict[str, object] = {}
+        for name in names[: top + 1]:
+            kwargs.update(layers[name])
+        cfg = load(**kwargs)
+        assert cfg.train.lr == expected[names[top]]
+        assert cfg.train.epochs == 7 if "preset" in kwargs else cfg.train.epochs == TrainConfig().epochs
+    assert load().train.lr == TrainConfig().lr
+
+
+def test_preset_of_another_task_is_refused():
+    preset = RunConfig(RunSection(task="other"), ModelConfig(), TrainConfig(), DemoTaskConfig())
+    with pytest.raises(UsageError, match="preset is for task 'other', not 'demo'"):
+        load(preset=preset)
+
+
+def test_command_line_text_is_parsed_against_the_field_type():
+    cfg = load(
+        sets=["task.horizon=96,192", "task.rc_aug=yes", "task.limit=none", "train.warmup=100", "run.name='a b'"],
+        flags={"task.model": ("--model", "dlinear"), "train.precision": ("--precision", "bf16")},
+    )
+    assert cfg.task == DemoTaskConfig(horizon=(96, 192), model="dlinear", rc_aug=True, limit=None)
+    assert (cfg.train.warmup, cfg.train.precision, cfg.run.name) == (100.0, "bf16", "a b")
+    assert load(sets=["task.horizon=[336, 720]", "task.limit=5"]).task.horizon == (336, 720)
+    for bad, message in [
+        ("train.lr=abc", "train.lr: expected float, got 'abc'"),
+        ("train.precision=16", "train.precision: expected one of '32', 'bf16', got '16'"),
+        ("model.variant=rnn", "model.variant: expected one of 'lmm', 'mac'"),
+        ("lr=3", "expected section.key=value"),
+        ("train.lr", "expected section.key=value"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            load(sets=[bad])
+
+
+def test_values_out_of_range_name_the_field():
+    with pytest.raises(UsageError, match=r"train.lr: must be > 0, got -1.0"):
+        load(flags={"train.lr": ("--lr", -1.0)})
+    with pytest.raises(UsageError, match="no task given"):
+        load_config(resolve_task=resolve)
+
+
+def test_toml_round_trip_of_a_resolved_config():
+    cfg = load(sets=["task.horizon=96,192,336", "model.variant=mac", "train.lr=3e-4", "task.limit=3"])
+    text = dumps_toml(cfg)
+    assert tomllib.loads(text)["model"]["variant"] == "mac"
+    assert loads_config(text, resolve) == cfg
+
+
+@given(
+    name=st.text(max_size=40),
+    lr=st.floats(min_value=1e-12, max_value=1e6, allow_nan=False),
+    scale=st.floats(allow_nan=False),
+    horizon=st.lists(st.integers(-(2**62), 2**62), max_size=5),
+)
+def test_toml_round_trip_is_exact_for_any_string_and_float(name, lr, scale, horizon):
+    cfg = RunConfig(
+        RunSection(task="demo", name=name),
+        ModelConfig(),
+        TrainConfig(lr=lr),
+        DemoTaskConfig(scale=scale, horizon=tuple(horizon), label=name[::-1]),
+    )
+    assert loads_config(dumps_toml(cfg), resolve) == cfg
+
+
+def test_resume_may_extend_training_but_not_change_the_model():
+    saved = load()
+    longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=20))
+    assert check_resume_changes(saved, longer) == ["train.epochs"]
+    other = dataclasses.replace(saved, model=dataclasses.replace(saved.model, dim=256))
+    with pytest.raises(UsageError, match="cannot change model.dim"):
+        check_resume_changes(saved, other)

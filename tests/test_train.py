@@ -1,0 +1,81 @@
+"""The training loop's contract beyond one plain run: early stopping, divergence, sub-runs and their summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import tasks
+from tasks.recall import RecallTask
+from tests.recall_fixtures import tiny_config, tiny_data
+from titans_cli.errors import TitansError
+from titans_cli.evaluate import evaluate_run
+from titans_cli.runs import read_jsonl
+from titans_cli.train import run
+
+
+class FlatRecall(RecallTask):
+    """Recall whose validation accuracy never improves after the first evaluation."""
+
+    def evaluate(self, model, loader, meta):
+        metrics = super().evaluate(model, loader, meta)
+        return {**metrics, "accuracy": 0.5}
+
+
+class DivergingRecall(RecallTask):
+    def loss(self, model, batch):
+        return super().loss(model, batch) * torch.tensor(float("nan"))
+
+
+class TwoLearningRates(RecallTask):
+    """Trains one model per learning rate into RUN/<name>/ and averages their test accuracy."""
+
+    def sub_runs(self, cfg):
+        return [
+            (f"lr{lr:g}", dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))) for lr in (1e-3, 3e-3)
+        ]
+
+    def summarize(self, results):
+        return {"mean_accuracy": sum(r["accuracy"] for r in results.values()) / len(results), "runs": sorted(results)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("recall"))
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(data, tmp_path):
+    result = run(tiny_config(data, epochs=6, patience=2), FlatRecall(), tmp_path / "r", quiet=True)
+    val_steps = [r["step"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["split"] == "val"]
+    assert val_steps == [5, 10, 15]  # best at 5, then two evaluations without improvement
+    assert result["stopped_early"] and result["best_step"] == 5 and result["steps"] == 15
+
+
+def test_divergence_is_a_clear_runtime_error(data, tmp_path):
+    with pytest.raises(TitansError, match="training diverged: loss is nan at step 1") as info:
+        run(tiny_config(data), DivergingRecall(), tmp_path / "r", quiet=True)
+    assert info.value.exit_code == 1
+
+
+def test_sub_runs_train_one_model_each_and_are_summarized(data, tmp_path, monkeypatch):
+    task = TwoLearningRates()
+    result = run(tiny_config(data, epochs=1), task, tmp_path / "r", quiet=True)
+    assert sorted(result["sub_runs"]) == ["lr0.001", "lr0.003"]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary == result["summary"] and summary["runs"] == ["lr0.001", "lr0.003"]
+    for name, lr in (("lr0.001", 0.001), ("lr0.003", 0.003)):
+        assert f"lr = {lr}" in (tmp_path / "r" / name / "config.toml").read_text()
+        assert (tmp_path / "r" / name / "checkpoints" / "best.pt").is_file()
+    # `titans eval` on the parent evaluates every sub-run and summarizes through the same task hook.
+    monkeypatch.setitem(tasks.TASKS, "two-lr", f"{__name__}:TWO_LR")
+    cfg_text = (tmp_path / "r" / "config.toml").read_text().replace('task = "recall"', 'task = "two-lr"')
+    (tmp_path / "r" / "config.toml").write_text(cfg_text)
+    report = evaluate_run(tmp_path / "r", device="cpu")
+    assert report["summary"]["mean_accuracy"] == pytest.approx(summary["mean_accuracy"])
+    assert {r["split"] for r in report["sub_runs"].values()} == {"test"}
+
+
+TWO_LR = TwoLearningRates()

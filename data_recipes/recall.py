@@ -18,7 +18,6 @@ Files written to OUT (Parquet via Polars, then manifest.json last, all atomicall
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 import polars as pl
 
 from titans_cli.errors import UsageError
+from titans_cli.runs import atomic_write, atomic_write_text
 
 RECIPE = "recall"
 VERSION = 1
@@ -123,7 +123,7 @@ def prepare(spec: RecallSpec, out_dir: Path, overwrite: bool = False) -> dict[st
                 "targets": pl.Series(targets),
             }
         )
-        _write_parquet(frame, out_dir / f"{split}.parquet")
+        atomic_write(out_dir / f"{split}.parquet", frame.write_parquet)
         splits[split] = {"file": f"{split}.parquet", "rows": sizes[split]}
     F, V = spec.filler_vocab, spec.vocab
     manifest = {
@@ -136,13 +136,5 @@ def prepare(spec: RecallSpec, out_dir: Path, overwrite: bool = False) -> dict[st
         "splits": splits,
         "columns": {"id": "u32", "tokens": f"array[u16, {spec.seq_len}]", "targets": f"array[i16, {spec.seq_len}]"},
     }
-    tmp = out_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out_dir / "manifest.json")
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)

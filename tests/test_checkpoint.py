@@ -78,6 +78,10 @@ def test_run_directory_contract(trained):
     files = sorted(p.name for p in trained.iterdir())
     assert files == ["checkpoints", "config.toml", "env.json", "metrics.csv", "metrics.json", "metrics.jsonl"]
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (trained / "env.json", trained / "metrics.json", trained / "checkpoints" / "best.pt"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # atomic writes keep the usual permissions
     env = json.loads((trained / "env.json").read_text())
     assert env["seed"] == 0 and env["device"] == "cpu" and env["torch"] == torch.__version__
     rows = read_jsonl(trained / "metrics.jsonl")

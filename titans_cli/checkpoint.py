@@ -9,9 +9,7 @@ unpickling (a crafted payload) is refused instead of executed.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from torch import nn
 from titans_cli import __version__
 from titans_cli.config import RunConfig, loads_config
 from titans_cli.errors import DataError, UsageError
-from titans_cli.runs import CHECKPOINTS, is_run_dir
+from titans_cli.runs import CHECKPOINTS, atomic_write, is_run_dir
 from titans_cli.runtime import preserved_rng
 
 FORMAT = "titans-checkpoint/1"
@@ -33,18 +31,8 @@ REQUIRED_KEYS = ("format", "task", "config_toml", "meta_json", "model")
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write `payload` (plus format and version tags) atomically: temporary file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "titans_version": __version__, **payload}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -349,9 +349,8 @@ def _train_one(
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    with open(src, "rb") as fh:
+        runs.atomic_write(dst, lambda out: shutil.copyfileobj(fh, out))
 
 
 def _stderr(message: str) -> None:

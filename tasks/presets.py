@@ -91,7 +91,7 @@ def forecast_paper() -> RunConfig:
     return RunConfig(
         run=RunSection(task="forecast"),
         model=_forecast_lmm(),
-        train=TrainConfig(lr=1e-3, batch_size=32, epochs=6, patience=2, eval_batch_size=256, log_every=50),
+        train=TrainConfig(lr=1e-3, batch_size=32, epochs=4, patience=2, eval_batch_size=256, log_every=50),
         task=ForecastConfig(lookback=96, horizon=(96, 192, 336, 720)),
     )
 

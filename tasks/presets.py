@@ -108,6 +108,32 @@ def dna_tiny() -> RunConfig:
     )
 
 
+def dna_cnn() -> RunConfig:
+    """The GenomicBenchmarks CNN baseline as its authors train it: Adam, constant lr 1e-3, 10 epochs."""
+    from tasks.dna import DnaConfig
+
+    return RunConfig(
+        run=RunSection(task="dna"),
+        model=ModelConfig(),  # unused by the CNN
+        train=TrainConfig(
+            lr=1e-3, weight_decay=0.0, beta2=0.999, batch_size=64, epochs=10, warmup=0, min_lr_ratio=1.0, log_every=20
+        ),
+        task=DnaConfig(model="cnn"),
+    )
+
+
+def dna_tata() -> RunConfig:
+    """Titans (LMM) on GUE prom_300_tata within 20 CPU minutes: 2 layers of width 64, 16 position bins."""
+    from tasks.dna import DnaConfig
+
+    return RunConfig(
+        run=RunSection(task="dna"),
+        model=ModelConfig(dim=64, n_layers=2, heads=4, chunk_size=16),
+        train=TrainConfig(lr=1e-3, batch_size=32, epochs=8, patience=3, log_every=20),
+        task=DnaConfig(bins=16),
+    )
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "recall_tiny": recall_tiny,
     "recall_1k": recall_1k,
@@ -115,4 +141,6 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "forecast_small": forecast_small,
     "forecast_paper": forecast_paper,
     "dna_tiny": dna_tiny,
+    "dna_cnn": dna_cnn,
+    "dna_tata": dna_tata,
 }

@@ -24,9 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_recipes import timeseries as ts  # noqa: E402
-from tasks.forecast import TASK  # noqa: E402
+from tasks.forecast import TASK, window_datasets  # noqa: E402
 from tasks.presets import forecast_paper  # noqa: E402
+from titans_cli.checkpoint import load_run  # noqa: E402
 from titans_cli.config import RunConfig, load_config  # noqa: E402
+from titans_cli.metrics import ErrorSums  # noqa: E402
 from titans_cli.train import run as train_run  # noqa: E402
 
 # Test MSE / MAE averaged over the four horizons (spec §6.3, Table 3).
@@ -65,6 +67,35 @@ def config_for(model: str, data: Path, horizon: int, sets: list[str]) -> RunConf
     return load_config(resolve_task=lambda _n: type(base.task), preset=base, preset_name="forecast_paper", sets=sets)
 
 
+@torch.no_grad()
+def context_check(run: Path, cutoffs: int) -> dict[str, Any]:
+    """Test MSE at `cutoffs` evenly spaced test windows: the last `lookback` rows only vs every row of the
+    file before the window (read through the memory in pieces, as `titans forecast --context all`)."""
+    loaded = load_run(run)
+    t, meta = loaded.cfg.task, loaded.meta
+    datasets, _, _ = window_datasets(Path(loaded.cfg.run.data), t.lookback, t.pred_len, scaler=meta["scaler"])
+    test = datasets["test"]
+    sums = {
+        "window": ErrorSums(t.pred_len, len(meta["target_columns"])),
+        "all": ErrorSums(t.pred_len, len(meta["target_columns"])),
+    }
+    picks = [round(i * (len(test) - 1) / max(1, cutoffs - 1)) for i in range(cutoffs)]
+    started = time.perf_counter()
+    for i in picks:
+        s = test.starts[i]
+        y = test[i]["y"].unsqueeze(0)
+        for name, x in (("window", test.values[s : s + t.lookback]), ("all", test.values[: s + t.lookback])):
+            sums[name].update(loaded.model(x.unsqueeze(0)).index_select(2, loaded.model.target_idx), y)
+    return {
+        "run": str(run),
+        "cutoffs": cutoffs,
+        "context_rows": [int(test.starts[picks[0]] + t.lookback), int(test.starts[picks[-1]] + t.lookback)],
+        **{f"test_mse_{k}": v.mse() for k, v in sums.items()},
+        **{f"test_mae_{k}": v.mae() for k, v in sums.items()},
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
@@ -76,8 +107,13 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value (all models)")
     parser.add_argument("--titans-set", action="append", default=[], help="section.key=value for Titans only")
     parser.add_argument("--dlinear-set", action="append", default=[], help="section.key=value for DLinear only")
+    parser.add_argument("--context-check", type=Path, help="only compare --context window/all on this trained run")
+    parser.add_argument("--cutoffs", type=int, default=20, help="test windows for --context-check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.context_check is not None:
+        emit(context_check(args.context_check, args.cutoffs))
+        return
     horizons = [int(h) for h in args.horizons.split(",")]
     for name in args.datasets.split(","):
         data = prepare(args.data_root, name, args.out)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_recipes import timeseries as ts
 from tasks.base import Batch, TaskData
 from tasks.forecast_models import build_forecaster
-from titans_cli.errors import DataError, UsageError
+from titans_cli.errors import DataError, TitansError, UsageError
 from titans_cli.metrics import ErrorSums, mase_scale, naive_forecast, seasonal_naive_forecast
 
 
@@ -101,7 +101,7 @@ def _normalize(frame: pl.DataFrame, columns: list[str], scaler: dict[str, Any]) 
     return ((raw - mean) / std).to(torch.float32)
 
 
-def _split_datasets(
+def window_datasets(
     data_dir: Path, lookback: int, horizon: int, scaler: dict[str, Any] | None = None
 ) -> tuple[dict[str, WindowDataset], dict[str, Any], Tensor]:
     """Window datasets for train/val/test, the manifest, and the z-scored training rows [N_train, C].
@@ -139,7 +139,7 @@ class ForecastTask:
     def load(self, cfg: Any, data_dir: Path) -> TaskData:
         """Windows of the prepared folder; `meta` keeps columns, scaler, frequency and window counts."""
         t = cfg.task
-        datasets, manifest, _ = _split_datasets(Path(data_dir), t.lookback, t.pred_len)
+        datasets, manifest, _ = window_datasets(Path(data_dir), t.lookback, t.pred_len)
         meta = {
             "task": "forecast",
             "date_col": manifest["date_col"],
@@ -236,7 +236,7 @@ class ForecastTask:
         if split not in ts.SPLITS:
             raise UsageError(f"--split {split!r}: choose train, val or test")
         data_dir = Path(data_dir or loaded.cfg.run.data)
-        datasets, manifest, train_rows = _split_datasets(data_dir, t.lookback, t.pred_len, scaler=meta["scaler"])
+        datasets, manifest, train_rows = window_datasets(data_dir, t.lookback, t.pred_len, scaler=meta["scaler"])
         if manifest["input_columns"] != meta["input_columns"] or manifest["target_columns"] != meta["target_columns"]:
             raise DataError(
                 f"{data_dir}: columns {manifest['input_columns']} -> {manifest['target_columns']} differ from the "
@@ -344,6 +344,12 @@ def forecast_file(
     mean, std = scaler_tensors(meta["scaler"], meta["target_columns"])
     y = y * std + mean  # [H, C_target], original units
     if not torch.isfinite(y).all():
+        if context == "all":
+            # Mini-batch memory updates (chunk size b) can diverge over contexts far longer than training saw.
+            raise TitansError(
+                f"{input_path}: the memory diverged over the {rows}-row context (non-finite forecast); use "
+                f"--context window, or train with a smaller model.chunk_size (now {loaded.cfg.model.chunk_size})"
+            )
         raise DataError(f"{input_path}: the forecast is not finite; check the input values")
     last = series.frame[meta["date_col"]][-1]
     dates = ts.future_dates(last, meta["freq"], horizon)

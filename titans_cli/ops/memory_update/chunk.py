@@ -7,17 +7,22 @@ Per chunk of n ≤ b tokens, with start state (M_0, S_0) and gradient point W_g 
     M_i  = β_i M_0 + γ_i S_0 − Σ_{j≤i} C_ij u_j,   S_i = E_i S_0 − Σ_{j≤i} θ_j P_ij u_j
 Per-token reads use the dual form, layer by layer, without materialising the n weight copies:
     Z̃ = diag(β) Ã W_0 + diag(γ) Ã S_0 − (C ⊙ Ã Aᵀ) Δ
-and the chunk-end state is two matmuls per layer. Autograd differentiates all of it (outer loop, §2.7).
+and the chunk-end state is two matmuls per layer. The outer loop (§2.7) differentiates it in one of two ways:
+`_chunk_step`, plain autograd (the reference), or `_FusedChunkStep`, a `torch.autograd.Function` with a hand-written
+backward (the default, `fused=True`): autograd handles only the O(b²) coefficients, the backward of the matmuls
+is written out (README.md, "Backward of the torch path").
 
 Shape legend: B batch, H heads, n tokens in the chunk, weights `[B, H, d_in, d_out]`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from titans_cli.ops.memory_update.mlp import ACTIVATIONS, mlp_inner_grad_factors
 from titans_cli.ops.memory_update.state import MemoryState
@@ -66,6 +71,17 @@ def chunk_coefficients(
     return beta, gamma, e, c, theta_p
 
 
+def _read_rows(beta: Tensor, gamma: Tensor, c: Tensor, read: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Coefficient rows of the reads: the chunk's own rows (inclusive), or shifted one row down (strict)."""
+    if read == "inclusive":
+        return beta, gamma, c
+    # Strict read y_i = M_{i−1}(q_i): the coefficients of the previous row (row 0 is the start state).
+    r_beta = torch.cat([torch.ones_like(beta[..., :1]), beta[..., :-1]], dim=-1)
+    r_gamma = torch.cat([torch.zeros_like(gamma[..., :1]), gamma[..., :-1]], dim=-1)
+    r_c = torch.cat([torch.zeros_like(c[..., :1, :]), c[..., :-1, :]], dim=-2)
+    return r_beta, r_gamma, r_c
+
+
 def _chunk_step(
     q: Tensor,
     k: Tensor,
@@ -83,13 +99,7 @@ def _chunk_step(
     act, _ = ACTIVATIONS[activation]
     beta, gamma, e, c, theta_p = chunk_coefficients(alpha, eta, theta)
     inputs, errors = mlp_inner_grad_factors(anchor, k, v, activation)
-    if read == "inclusive":
-        r_beta, r_gamma, r_c = beta, gamma, c
-    else:
-        # Strict read y_i = M_{i−1}(q_i): the coefficients of the previous row (row 0 is the start state).
-        r_beta = torch.cat([torch.ones_like(beta[..., :1]), beta[..., :-1]], dim=-1)
-        r_gamma = torch.cat([torch.zeros_like(gamma[..., :1]), gamma[..., :-1]], dim=-1)
-        r_c = torch.cat([torch.zeros_like(c[..., :1, :]), c[..., :-1, :]], dim=-2)
+    r_beta, r_gamma, r_c = _read_rows(beta, gamma, c, read)
     h = q
     n_layers = len(weights)
     new_w, new_s = [], []
@@ -112,6 +122,253 @@ def _chunk_step(
     return h, new_w, new_s
 
 
+# --- Fused chunk step: hand-written backward (issue 2 §7) ---
+def _act_grads(activation: str, z: Tensor) -> tuple[Tensor, Tensor]:
+    """σ'(z) and σ''(z): δ of a hidden layer is (e W₂ᵀ) ⊙ σ'(z), so its backward needs σ''."""
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s)), s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    if activation == "gelu":
+        pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+        return cdf + z * pdf, pdf * (2.0 - z * z)
+    if activation == "tanh":
+        t = torch.tanh(z)
+        g = 1.0 - t * t
+        return g, -2.0 * t * g
+    raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+def _acc(total: Tensor | None, x: Tensor) -> Tensor:
+    return x if total is None else total + x
+
+
+def _mm(acc: Tensor | None, x: Tensor, y: Tensor, alpha: float = 1.0, *, owned: bool = True) -> Tensor:
+    """acc + alpha·(x @ y) for `[..., i, k] @ [..., k, j]`, accumulated inside the GEMM (`baddbmm_`), which saves
+    a full elementwise pass and an allocation per sum of products. `acc` None means 0. With `owned` (a temporary
+    that nothing else refers to) the sum overwrites `acc`."""
+    if acc is None:
+        out = x @ y
+        return out if alpha == 1.0 else out * alpha
+    if torch.is_autocast_enabled(acc.device.type) or not owned:
+        # Under autocast baddbmm would round the accumulator (e.g. the carried state) to 16 bits.
+        return torch.add(acc, x @ y, alpha=alpha)
+    lead = acc.shape[:-2]
+    x3 = x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
+    y3 = y.expand(*lead, *y.shape[-2:]).reshape(-1, *y.shape[-2:])
+    return acc.reshape(-1, *acc.shape[-2:]).baddbmm_(x3, y3, alpha=alpha).view(acc.shape)
+
+
+def _t(x: Tensor) -> Tensor:
+    return x.transpose(-1, -2)
+
+
+class _FusedChunkStep(torch.autograd.Function):
+    """The heavy part of `_chunk_step` with a hand-written backward.
+
+    Takes the read rows (β̃, γ̃, C̃; already shifted for the strict read) and the chunk-end coefficients
+    (β_n, γ_n, E_n `[B, H]`, C_{n,:}, θ⊙P_{n,:} `[B, H, n]`) as inputs, so autograd differentiates the small
+    O(b²) coefficient computation and this function only the O(n·d²) matmuls. Forward saves the inner-gradient
+    factors (a, δ, pre-activations, δW ᵀ), and per layer the read input h, pre-activation z, h W, h S and h Aᵀ;
+    backward reverses, in order, the chunk-end state, the dual-form reads layer by layer and the closed-form inner
+    gradients (which needs σ'' because δ_l = (δ_{l+1} W_{l+1}ᵀ) ⊙ σ'(p_l)). Row scalings are moved onto the
+    smaller operand (diag(c) A R = (c ⊙ A) R) and sums of products are accumulated inside the GEMM (`_mm`).
+    """
+
+    @staticmethod
+    def forward(ctx, activation, n_layers, q, k, v, r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp, *state):
+        L = n_layers
+        weights, surprise, anchor = state[:L], state[L : 2 * L], state[2 * L :]
+        act, act_grad = ACTIVATIONS[activation]
+        # Inner-gradient factors at the anchor (mlp.py's closed form, keeping what backward needs).
+        xs, ps, ts = [k], [], []
+        for l in range(L - 1):
+            ps.append(xs[-1] @ anchor[l])
+            xs.append(act(ps[-1]))
+        d = xs[-1] @ anchor[-1] - v  # δ_L = M(k) − v
+        ds = [d]
+        for l in range(L - 1, 0, -1):
+            ts.append(d @ _t(anchor[l]))
+            d = ts[-1] * act_grad(ps[l - 1])
+            ds.append(d)
+        ds.reverse()
+        ts.reverse()  # ts[l] = δ_{l+1} A_{l+1}ᵀ, so δ_l = ts[l] ⊙ σ'(p_l)
+        rb, rg = r_beta.unsqueeze(-1), r_gamma.unsqueeze(-1)
+        ce, tpu = c_end.unsqueeze(-1), tp.unsqueeze(-1)
+        be, ge, ee = b_end[..., None, None], g_end[..., None, None], e_end[..., None, None]
+        hs, zs, hw_all, hsv_all, has = [q], [], [], [], []
+        new_w, new_s = [], []
+        h = q
+        for l in range(L):
+            a, d, w, s = xs[l], ds[l], weights[l], surprise[l]
+            hw, hsv, ha = h @ w, h @ s, h @ _t(a)
+            # Dual form (spec §3.3): z = β̃ hW + γ̃ hS − (C̃ ⊙ h Aᵀ) Δ.
+            z = _mm(torch.addcmul(rb * hw, rg, hsv), r_c * ha, d, alpha=-1.0)
+            hw_all.append(hw)
+            hsv_all.append(hsv)
+            has.append(ha)
+            if l < L - 1:
+                zs.append(z)
+                h = act(z)
+                hs.append(h)
+            else:
+                h = z
+            # Chunk end (spec §3.2): W' = β_n W + γ_n S − Aᵀ diag(c) Δ,  S' = E_n S − Aᵀ diag(θP) Δ.
+            new_w.append(_mm(torch.addcmul(be * w, ge, s), _t(a), ce * d, alpha=-1.0))
+            new_s.append(_mm(ee * s, _t(a), tpu * d, alpha=-1.0))
+        ctx.activation, ctx.n_layers = activation, L
+        dev = q.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.save_for_backward(
+            r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp, *state, *xs, *ps, *ts, *ds, *hs, *zs, *hw_all,
+            *hsv_all, *has,
+        )  # fmt: skip
+        ctx.set_materialize_grads(False)
+        return (h, *new_w, *new_s)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, *g_out):
+        # Backward runs under the forward's autocast state (as `torch.amp.custom_bwd` does), so that 16-bit saved
+        # tensors meet matmuls that cast both operands alike.
+        dev, enabled, dtype = ctx.autocast
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return _FusedChunkStep._backward(ctx, gy, g_out)
+
+    @staticmethod
+    def _backward(ctx, gy, g_out):
+        L, activation = ctx.n_layers, ctx.activation
+        saved = list(ctx.saved_tensors)
+        r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp = saved[:8]
+        pos = 8
+
+        def take(m: int) -> list[Tensor]:
+            nonlocal pos
+            out = saved[pos : pos + m]
+            pos += m
+            return out
+
+        weights, surprise, anchor = take(L), take(L), take(L)
+        xs, ps, ts, ds = take(L), take(L - 1), take(L - 1), take(L)
+        hs, zs, hw_all, hsv_all, has = take(L), take(L - 1), take(L), take(L), take(L)
+        ga: list[Tensor | None] = [None] * L  # ∂/∂a_l (layer inputs at the anchor)
+        gd: list[Tensor | None] = [None] * L  # ∂/∂δ_l
+        gw: list[Tensor | None] = [None] * L
+        gs: list[Tensor | None] = [None] * L
+        gb_end = gg_end = ge_end = gc_end = g_tp = None
+        # 1. Chunk-end state. With R = ∂/∂W', Q = ∂/∂S': ∂/∂A = −diag(c) Δ Rᵀ − diag(θP) Δ Qᵀ,
+        #    ∂/∂Δ = −diag(c) A R − diag(θP) A Q, ∂/∂c_j = −a_j · (R δ_jᵀ).
+        gW_out, gS_out = g_out[:L], g_out[L:]
+        nce, ntp = -c_end.unsqueeze(-1), -tp.unsqueeze(-1)
+        for l in range(L):
+            R, Q = gW_out[l], gS_out[l]
+            if R is None and Q is None:
+                continue
+            w, s, a, d = weights[l], surprise[l], xs[l], ds[l]
+            R = torch.zeros_like(Q) if R is None else R
+            Q = torch.zeros_like(R) if Q is None else Q
+            gw[l] = b_end[..., None, None] * R
+            gs[l] = torch.addcmul(g_end[..., None, None] * R, e_end[..., None, None], Q)
+            gb_end = _acc(gb_end, (w * R).sum((-2, -1)))
+            gg_end = _acc(gg_end, (s * R).sum((-2, -1)))
+            ge_end = _acc(ge_end, (s * Q).sum((-2, -1)))
+            d_r, d_q = d @ _t(R), d @ _t(Q)  # [n, d_in]
+            ga[l] = torch.addcmul(nce * d_r, ntp, d_q)
+            gc_end = _acc(gc_end, -(a * d_r).sum(-1))
+            g_tp = _acc(g_tp, -(a * d_q).sum(-1))
+            gd[l] = _mm((a * nce) @ R, a * ntp, Q)
+        # 2. Reads, last layer first: z = β̃ hW + γ̃ hS − (C̃ ⊙ h Aᵀ) Δ.
+        g_rbeta = g_rgamma = g_rc = gq = None
+        rb, rg = r_beta.unsqueeze(-1), r_gamma.unsqueeze(-1)
+        gz = gy
+        for l in range(L - 1, -1, -1) if gz is not None else ():
+            w, s, a, d, h, ha = weights[l], surprise[l], xs[l], ds[l], hs[l], has[l]
+            g_rbeta = _acc(g_rbeta, (gz * hw_all[l]).sum(-1))
+            g_rgamma = _acc(g_rgamma, (gz * hsv_all[l]).sum(-1))
+            gzb, gzg = rb * gz, rg * gz
+            gw[l] = _mm(gw[l], _t(h), gzb)
+            gs[l] = _mm(gs[l], _t(h), gzg)
+            g_g = (gz @ _t(d)).neg_()  # ∂/∂(C̃ ⊙ h Aᵀ)
+            g_rc = _acc(g_rc, g_g * ha)
+            g_ha = g_g * r_c
+            gh = _mm(_mm(gzb @ _t(w), gzg, _t(s)), g_ha, a)
+            ga[l] = _mm(ga[l], _t(g_ha), h)
+            gd[l] = _mm(gd[l], _t(r_c * ha), gz, alpha=-1.0)
+            if l > 0:
+                gz = gh * ACTIVATIONS[activation][1](zs[l - 1])
+            else:
+                gq = gh
+        # 3. Inner-gradient factors at the anchor: a_0 = k, p_l = a_l A_l, a_{l+1} = σ(p_l),
+        #    δ_{L−1} = a_{L−1} A_{L−1} − v, δ_l = (δ_{l+1} A_{l+1}ᵀ) ⊙ σ'(p_l).
+        ganc: list[Tensor | None] = [None] * L
+        gp: list[Tensor | None] = [None] * (L - 1)
+        sig1: list[Tensor] = []
+        for l in range(L - 1):
+            s1, s2 = _act_grads(activation, ps[l])
+            sig1.append(s1)
+            if gd[l] is None:
+                continue
+            gt = gd[l] * s1
+            gp[l] = gd[l] * ts[l] * s2
+            gd[l + 1] = _mm(gd[l + 1], gt, anchor[l + 1])
+            ganc[l + 1] = _t(gt) @ ds[l + 1]
+        gpred = gd[L - 1]
+        gv = None if gpred is None else -gpred
+        gx = ga[L - 1]
+        if gpred is not None:
+            ganc[L - 1] = _mm(ganc[L - 1], _t(xs[L - 1]), gpred)
+            gx = _mm(gx, gpred, _t(anchor[L - 1]))
+        for l in range(L - 2, -1, -1):
+            if gx is not None:
+                gp[l] = gx * sig1[l] if gp[l] is None else torch.addcmul(gp[l], gx, sig1[l])
+            gx = ga[l]
+            if gp[l] is not None:
+                ganc[l] = _mm(ganc[l], _t(xs[l]), gp[l])
+                gx = _mm(gx, gp[l], _t(anchor[l]))
+        need = ctx.needs_input_grad
+        grads_state = [g if need[13 + i] else None for i, g in enumerate([*gw, *gs, *ganc])]
+        return (None, None, gq, gx, gv, g_rbeta, g_rgamma, g_rc, gb_end, gg_end, ge_end, gc_end, g_tp, *grads_state)
+
+
+def _step_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, read: str) -> list[Tensor]:
+    """The eight coefficient inputs of `_FusedChunkStep` from gates `[..., n]` (any leading dims, so all full
+    chunks of a call can be done in one batched call): read rows β̃, γ̃, C̃ (shifted one row for the strict read)
+    and the chunk-end β_n, γ_n, E_n, C_{n,:}, θ⊙P_{n,:}."""
+    beta, gamma, e, c, theta_p = chunk_coefficients(alpha, eta, theta)
+    r_beta, r_gamma, r_c = _read_rows(beta, gamma, c, read)
+    return [r_beta, r_gamma, r_c, beta[..., -1], gamma[..., -1], e[..., -1], c[..., -1, :], theta_p]
+
+
+def _apply_fused(
+    q: Tensor, k: Tensor, v: Tensor, coefficients: Sequence[Tensor], weights: Sequence[Tensor],
+    surprise: Sequence[Tensor], anchor: Sequence[Tensor], activation: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
+    L = len(weights)
+    out = _FusedChunkStep.apply(activation, L, q, k, v, *coefficients, *weights, *surprise, *anchor)
+    return out[0], list(out[1 : 1 + L]), list(out[1 + L :])
+
+
+def _fused_chunk_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: Tensor,
+    eta: Tensor,
+    theta: Tensor,
+    weights: Sequence[Tensor],
+    surprise: Sequence[Tensor],
+    anchor: Sequence[Tensor],
+    activation: str,
+    read: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """`_chunk_step` with the hand-written backward of `_FusedChunkStep`; same inputs and results."""
+    coefficients = _step_coefficients(alpha, eta, theta, read)
+    return _apply_fused(q, k, v, coefficients, weights, surprise, anchor, activation)
+
+
+# --- end fused chunk step ---
+
+
 def chunk_memory_update(
     q: Tensor,
     k: Tensor,
@@ -124,6 +381,7 @@ def chunk_memory_update(
     chunk_size: int = 16,
     activation: str = "silu",
     read: str = "inclusive",
+    fused: bool = True,
 ) -> tuple[Tensor, MemoryState]:
     """Chunked memory write + per-token reads; same signature and result as `recurrent_memory_update`.
 
@@ -138,9 +396,13 @@ def chunk_memory_update(
         chunk_size: b.
         activation: hidden activation of the memory MLP.
         read: "inclusive" or "strict".
+        fused: use `_FusedChunkStep` (hand-written backward, coefficients of all full chunks in one batched
+            call) instead of autograd through `_chunk_step`; same results.
     Returns:
         y `[B, H, T, D]` and the state after the last token.
     """
+    if fused:
+        return _fused_memory_update(q, k, v, alpha, eta, theta, state, chunk_size, activation, read)
     T = q.shape[2]
     weights, surprise, anchor = list(state.weights), list(state.surprise), list(state.anchor)
     pos = state.position
@@ -157,6 +419,50 @@ def chunk_memory_update(
         )  # fmt: skip
         outs.append(y)
         start += n
+        pos += n
+    if pos % chunk_size == 0:
+        anchor = weights
+    y = torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape)
+    return y, MemoryState(tuple(weights), tuple(surprise), tuple(anchor), pos)
+
+
+def _fused_memory_update(
+    q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, state: MemoryState,
+    chunk_size: int, activation: str, read: str,
+) -> tuple[Tensor, MemoryState]:  # fmt: skip
+    """The chunk loop of `chunk_memory_update` over `_FusedChunkStep`.
+
+    Only the first and the last chunk of a call can be partial; the coefficients of the full chunks between them
+    come from one batched `chunk_coefficients` call. Inputs are cut with `split`/`unbind` rather than slicing, so
+    that their backward is one concatenation instead of a zero-filled full-size gradient per chunk.
+    """
+    B, H, T, _ = q.shape
+    weights, surprise, anchor = list(state.weights), list(state.surprise), list(state.anchor)
+    pos = state.position
+    sizes: list[int] = []
+    done = 0
+    while done < T:
+        sizes.append(min(chunk_size - (pos + done) % chunk_size, T - done))
+        done += sizes[-1]
+    full = [i for i, n in enumerate(sizes) if n == chunk_size]
+    coefs: list[list[Tensor] | None] = [None] * len(sizes)
+    if len(full) > 1:
+        i0, i1 = full[0], full[-1] + 1  # full chunks are contiguous: only the first and last can be partial
+        s0 = sum(sizes[:i0])
+        s1 = s0 + (i1 - i0) * chunk_size
+        gates = [g[:, :, s0:s1].reshape(B, H, i1 - i0, chunk_size) for g in (alpha, eta, theta)]
+        batched = [c.unbind(2) for c in _step_coefficients(*gates, read)]
+        for j, i in enumerate(range(i0, i1)):
+            coefs[i] = [c[j] for c in batched]
+    qs, ks, vs = q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2)
+    als, ets, ths = alpha.split(sizes, dim=2), eta.split(sizes, dim=2), theta.split(sizes, dim=2)
+    outs = []
+    for i, n in enumerate(sizes):
+        if pos % chunk_size == 0:
+            anchor = weights
+        c = coefs[i] if coefs[i] is not None else _step_coefficients(als[i], ets[i], ths[i], read)
+        y, weights, surprise = _apply_fused(qs[i], ks[i], vs[i], c, weights, surprise, anchor, activation)
+        outs.append(y)
         pos += n
     if pos % chunk_size == 0:
         anchor = weights

@@ -192,9 +192,8 @@ def _long_to_wide(table: pl.DataFrame, path: Path, date_col: str, id_col: str, v
             raise DataError(f"{path}: long format needs column {col!r}; found {table.columns}")
     table = table.with_row_index("__row").with_columns(_parse_dates(table[date_col], path, date_col))
     ids = table[id_col].cast(pl.String).unique(maintain_order=True).to_list()
-    for key, part in table.group_by(id_col, maintain_order=True):
+    for _, part in table.group_by(id_col, maintain_order=True):
         _check_order(part[date_col], path, date_col, rows=part["__row"].to_list())
-        del key
     values = _to_float(table[value_col], path).alias(value_col)
     table = table.with_columns(values, pl.col(id_col).cast(pl.String))
     wide = table.pivot(on=id_col, index=date_col, values=value_col, aggregate_function=None).sort(date_col)

@@ -48,7 +48,7 @@ def eval_command(
     human = None
     first = next(iter(result.get("sub_runs", {}).values()), result)
     if first.get("task") == "forecast":  # forecast (Engineer B): readable tables instead of key: value lines
-        from tasks.forecast import format_report
+        from tasks.forecast_output import format_report
 
         human = format_report
     emit_result(result, json_out, human)

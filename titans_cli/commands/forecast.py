@@ -39,7 +39,8 @@ def forecast(
 
     Example: titans forecast --run runs/etth1 --input data/ETTh1/ETTh1.csv --out forecast.csv --context all
     """
-    from tasks.forecast import forecast_file, plot_forecast, write_table
+    from tasks.forecast import forecast_file
+    from tasks.forecast_output import plot_forecast, write_table
     from titans_cli.checkpoint import load_run
     from titans_cli.runtime import resolve_device
 

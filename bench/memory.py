@@ -64,10 +64,15 @@ def run_one(cfg: dict) -> dict:
     else:
         mem, _ = _ours(cfg)
     if cfg.get("compile"):
+        import functools
+
+        import titans_cli.ops.memory_update as ops
         import titans_cli.ops.memory_update.chunk as chunk
 
-        # Experiment only (performance.md): compile the per-chunk step with static shapes, not the chunk loop.
+        # Experiment only (performance.md): torch.compile the per-chunk step with static shapes, not the chunk
+        # loop. Inductor needs a traceable step, so this row runs the plain autograd step (fused=False) compiled.
         chunk._chunk_step = torch.compile(chunk._chunk_step, dynamic=False)
+        ops.chunk_memory_update = functools.partial(chunk.chunk_memory_update, fused=False)
     B, T = cfg["batch"], cfg["seq"]
     # Stable inputs: unit-variance embeddings at the layer's default (learned) gate initialisation.
     x = torch.randn(B, T, cfg["dim"], requires_grad=cfg["mode"] == "train")

@@ -36,7 +36,9 @@ class DnaConfig:
     bins: int = 1  # mean pooling per relative-position bin, concatenated (1 = plain mean; see dna_models)
     piece_len: int = 0  # Titans reads sequences in pieces of this many tokens; 0 = the longest training sequence
     rc_aug: bool = False  # replace each training sequence by its reverse complement with probability 1/2
-    rc_tta: Literal["none", "mean"] = "none"  # evaluation: average the class probabilities of both strands
+    # Evaluation: average the class probabilities of both strands. Pair it with rc_aug: the reverse complement
+    # also mirrors positions, so a model trained on one strand with bins > 1 scores the other one poorly.
+    rc_tta: Literal["none", "mean"] = "none"
     class_weight: Literal["none", "auto"] = "none"  # auto: cross-entropy weights n / (k · n_c) from train counts
     head_dropout: float = 0.0
     cnn_length: int = 0  # the CNN's fixed input length; 0 = the longest training sequence
@@ -57,9 +59,9 @@ class DnaConfig:
 class SequenceDataset(Dataset):
     """Encoded sequences as one right-padded uint8 matrix; items are {tokens, length, label, index} tensors."""
 
-    def __init__(self, sequences: list[str], labels: list[int] | None = None, pad_to: int | None = None) -> None:
+    def __init__(self, sequences: list[str], labels: list[int] | None = None) -> None:
         self.lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-        width = int(pad_to or (self.lengths.max() if len(sequences) else 1))
+        width = int(self.lengths.max()) if len(sequences) else 1
         self.tokens = np.full((len(sequences), width), PAD_ID, dtype=np.uint8)
         for i, seq in enumerate(sequences):
             self.tokens[i, : len(seq)] = encode(seq)

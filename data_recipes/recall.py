@@ -39,13 +39,13 @@ class RecallSpec:
     """Parameters of the generator; all of them go into manifest.json."""
 
     seq_len: int = 1024
-    pairs: int = 16  # key-value pairs placed in the context region of each sequence
-    queries: int = 16  # pairs asked about at the end (distinct keys; <= pairs)
-    vocab: int = 64  # distinct keys = distinct values; chance accuracy 1/vocab
+    pairs: int = 4  # key-value pairs placed in the context region of each sequence
+    queries: int = 4  # pairs asked about at the end (distinct keys; <= pairs)
+    vocab: int = 16  # distinct keys = distinct values; chance accuracy 1/vocab
     min_gap: int = 256  # tokens between the last pair and the first query, at least
-    filler_vocab: int = 8  # filler tokens drawn uniformly (noise); 1 = one constant filler token
-    n_train: int = 4000
-    n_val: int = 500
+    filler_vocab: int = 1  # filler tokens drawn uniformly (noise); 1 = one constant filler token
+    n_train: int = 10000
+    n_val: int = 200
     n_test: int = 500
     seed: int = 0
 

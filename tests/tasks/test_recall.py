@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -115,3 +116,13 @@ def test_loss_is_cross_entropy_on_answer_positions_only(tmp_path):
     changed = {**batch, "tokens": batch["tokens"].clone()}
     changed["tokens"][:, -1] = 0
     torch.testing.assert_close(TASK.loss(model, changed), expected)
+
+
+def test_cli_defaults_are_the_recipe_defaults():
+    import inspect
+
+    from titans_cli.commands.prepare_recall import recall
+
+    params = inspect.signature(recall).parameters
+    for name, value in dataclasses.asdict(RecallSpec()).items():
+        assert params[name].default == value, name

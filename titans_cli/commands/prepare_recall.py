@@ -13,15 +13,15 @@ from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result, log
 def recall(
     out: Annotated[Path, typer.Option(help="Output directory for the Parquet splits and manifest.json.")],
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 1024,
-    pairs: Annotated[int, typer.Option(help="Key-value pairs hidden in the context of each sequence.")] = 16,
-    queries: Annotated[int, typer.Option(help="Pairs asked about at the end of each sequence.")] = 16,
-    vocab: Annotated[int, typer.Option(help="Distinct keys (= distinct values); chance accuracy is 1/vocab.")] = 64,
+    pairs: Annotated[int, typer.Option(help="Key-value pairs hidden in the context of each sequence.")] = 4,
+    queries: Annotated[int, typer.Option(help="Pairs asked about at the end of each sequence.")] = 4,
+    vocab: Annotated[int, typer.Option(help="Distinct keys (= distinct values); chance accuracy is 1/vocab.")] = 16,
     min_gap: Annotated[
         int, typer.Option(help="Filler tokens between the last pair and the first query, at least.")
     ] = 256,
-    filler_vocab: Annotated[int, typer.Option(help="Distinct filler (noise) tokens; 1 = constant filler.")] = 8,
-    n_train: Annotated[int, typer.Option(help="Training sequences.")] = 4000,
-    n_val: Annotated[int, typer.Option(help="Validation sequences.")] = 500,
+    filler_vocab: Annotated[int, typer.Option(help="Distinct filler (noise) tokens; 1 = constant filler.")] = 1,
+    n_train: Annotated[int, typer.Option(help="Training sequences.")] = 10000,
+    n_val: Annotated[int, typer.Option(help="Validation sequences.")] = 200,
     n_test: Annotated[int, typer.Option(help="Test sequences.")] = 500,
     seed: Annotated[int, typer.Option(help="Seed of the generator (each split has its own stream).")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset already in --out.")] = False,
@@ -31,7 +31,7 @@ def recall(
 ) -> None:
     """Generate a seeded multi-query associative-recall dataset as Parquet + manifest.json.
 
-    Example: titans prepare recall --out data/recall-1k --seq-len 1024 --pairs 16 --vocab 64
+    Example: titans prepare recall --out data/recall-1k --seq-len 1024 --pairs 4 --vocab 16
     """
     from data_recipes.recall import RecallSpec, prepare
 

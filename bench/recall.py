@@ -1,0 +1,82 @@
+"""The recall claim (issue 2 §5): at 1024 tokens with an attention window of 64, memory variants recall, the
+attention-only baseline of the same window stays at chance. Prints one JSON line per variant.
+
+Each variant runs the `titans` CLI in two stages (a curriculum; both stages' pairs sit more than the attention
+reach before the queries): `recall_256` learns the task on 256-token sequences, then `recall_1k` continues
+from its weights (`--init-from`) on 1024-token sequences and is evaluated on the 1024-token test split.
+Row fields: variant, accuracy / exact (test, 1024 tokens), stage-1 accuracy at 256, chance, train seconds
+(both stages, from the runs' own timers), wall seconds (prepare excluded), threads, torch version.
+
+    python bench/recall.py --threads 2 [--variants lmm,mac,mag,mal,attn] [--out runs/bench-recall] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Stage data: the same vocabulary (so weights transfer), pairs beyond 2 layers x window 64 of the queries.
+DATA = {
+    "256": ["--seq-len", "256", "--min-gap", "128", "--n-train", "10000", "--n-val", "200", "--n-test", "500"],
+    "1024": ["--seq-len", "1024", "--min-gap", "256", "--n-train", "2400", "--n-val", "200", "--n-test", "500"],
+}
+COMMON_DATA = ["--pairs", "4", "--queries", "4", "--vocab", "16", "--filler-vocab", "1", "--seed", "0"]
+
+
+def titans(args: list[str], threads: int) -> dict[str, Any]:
+    """Run `python -m titans_cli ARGS --json` with `threads` intra-op threads; return its JSON result."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "titans_cli", *args, "--json"]
+    print("+ titans " + " ".join(args), file=sys.stderr, flush=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"titans {' '.join(args)} failed with exit code {done.returncode}")
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="lmm,mac,mag,mal,attn")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-recall"))
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the script only")
+    opts = parser.parse_args()
+
+    quick = ["--max-steps", "4", "--set", "train.eval_every=2"] if opts.quick else []
+    for size, args in DATA.items():
+        if not (opts.out / f"data-{size}" / "manifest.json").is_file():
+            titans(["prepare", "recall", "--out", str(opts.out / f"data-{size}"), *args, *COMMON_DATA], 1)
+    for variant in opts.variants.split(","):
+        stage1, stage2 = opts.out / f"{variant}-256", opts.out / f"{variant}-1024"
+        started = time.perf_counter()
+        first = titans(["train", "--preset", "recall_256", "--variant", variant, "--data", str(opts.out / "data-256"),
+                        "--out", str(stage1), "--overwrite", "--quiet", *quick], opts.threads)  # fmt: skip
+        second = titans(["train", "--preset", "recall_1k", "--variant", variant, "--data", str(opts.out / "data-1024"),
+                         "--out", str(stage2), "--init-from", str(stage1), "--overwrite", "--quiet", *quick],
+                        opts.threads)  # fmt: skip
+        wall = time.perf_counter() - started
+        row = {
+            "variant": variant,
+            "seq_len": 1024,
+            "window": 64,
+            "accuracy": round(second["test"]["accuracy"], 4),
+            "exact": round(second["test"]["exact"], 4),
+            "accuracy_256": round(first["test"]["accuracy"], 4),
+            "chance": second["test"]["chance_accuracy"],
+            "steps": [first["steps"], second["steps"]],
+            "train_seconds": round(first["train_seconds"] + second["train_seconds"], 1),
+            "wall_seconds": round(wall, 1),
+            "threads": opts.threads,
+        }
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

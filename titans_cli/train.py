@@ -114,15 +114,13 @@ def run(
     log: Log = (lambda _msg: None) if quiet else _stderr
     if not resume:
         runs.prepare_run_dir(run_dir, overwrite)
-    # Also on resume: the only changes allowed there (epochs, max_steps, ...) belong in the saved config.
-    runs.atomic_write_text(run_dir / runs.CONFIG, dumps_toml(cfg))
     subs = list(task.sub_runs(cfg)) if hasattr(task, "sub_runs") else []
     with _interrupt_on_sigint(should_stop) as stop:
         if not subs:
             return _train_one(cfg, task, run_dir, resume, log, progress and not quiet, stop)
+        runs.atomic_write_text(run_dir / runs.CONFIG, dumps_toml(cfg))  # the base config the sub-runs derive from
         if not resume:
             runs.write_json(run_dir / runs.ENV, runs.environment(cfg.train.device, cfg.train.precision, cfg.train.seed))
-        results: dict[str, dict[str, Any]] = {}
         finals: dict[str, dict[str, Any]] = {}
         for name, sub_cfg in subs:
             sub_dir = run_dir / name
@@ -133,9 +131,8 @@ def run(
             sub_resume = resume and (sub_dir / runs.CHECKPOINTS / "last.pt").is_file()
             if not sub_resume:
                 runs.prepare_run_dir(sub_dir, overwrite=True)
-            runs.atomic_write_text(sub_dir / runs.CONFIG, dumps_toml(sub_cfg))
             log(f"sub-run {name}")
-            results[name] = _train_one(sub_cfg, task, sub_dir, sub_resume, log, progress and not quiet, stop)
+            _train_one(sub_cfg, task, sub_dir, sub_resume, log, progress and not quiet, stop)
             finals[name] = json.loads((sub_dir / runs.METRICS).read_text())
         out: dict[str, Any] = {"run_dir": str(run_dir), "task": task.name, "sub_runs": finals}
         if hasattr(task, "summarize"):
@@ -151,11 +148,9 @@ def _train_one(
     device = resolve_device(tc.device)
     last_path = run_dir / runs.CHECKPOINTS / "last.pt"
     best_path = run_dir / runs.CHECKPOINTS / "best.pt"
+    if resume and not last_path.is_file():
+        raise UsageError(f"--resume {run_dir}: no {runs.CHECKPOINTS}/last.pt to continue from")
     ckpt = read_checkpoint(last_path) if resume else None
-    if resume and ckpt is None:
-        raise UsageError(f"--resume {run_dir}: no {last_path.relative_to(run_dir)} to continue from")
-    if not resume:
-        runs.write_json(run_dir / runs.ENV, runs.environment(str(device), tc.precision, tc.seed))
 
     seed_everything(tc.seed, tc.deterministic)
     data_dir = Path(cfg.run.data)
@@ -186,13 +181,18 @@ def _train_one(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = TrainState(**ckpt["train_state"])
-        # Restored last, after everything that draws random numbers while being built.
-        set_rng_state(ckpt["rng"])
-        runs.truncate_jsonl(run_dir / runs.METRICS_JSONL, state.step)
         if state.step >= total or state.stopped_early:
             why = "stopped early (patience)" if state.stopped_early else f"reached step {state.step} of {total}"
             raise UsageError(f"--resume {run_dir}: nothing to do, it {why}; raise --epochs/--max-steps/--patience")
+        # Restored last, after everything that draws random numbers while being built.
+        set_rng_state(ckpt["rng"])
+        runs.truncate_jsonl(run_dir / runs.METRICS_JSONL, state.step)
         log(f"resuming {run_dir} at step {state.step}")
+    else:
+        runs.write_json(run_dir / runs.ENV, runs.environment(str(device), tc.precision, tc.seed))
+    # Written once the data and model are known to load (a failed start leaves the directory reusable); on
+    # resume it records the changes --resume allows (epochs, max_steps, ...).
+    runs.atomic_write_text(run_dir / runs.CONFIG, dumps_toml(cfg))
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"task {task.name} · device {device} · precision {tc.precision} · seed {tc.seed} · "

@@ -15,7 +15,7 @@ def train(
     task: Annotated[str | None, typer.Option(help="Task to train: recall, forecast, dna, dna-lm.")] = None,
     data: Annotated[Path | None, typer.Option(help="Prepared data directory (from `titans prepare`).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<task>-<variant>-<UTC time>).")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML file with [run] [model] [train] [task] tables.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file with run, model, train and task tables.")] = None,
     preset: Annotated[str | None, typer.Option(help="Named preset from tasks/presets.py, e.g. recall_tiny.")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override one field, section.key=value (repeatable).")

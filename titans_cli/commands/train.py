@@ -21,6 +21,9 @@ def train(
         list[str] | None, typer.Option("--set", help="Override one field, section.key=value (repeatable).")
     ] = None,
     variant: Annotated[str | None, typer.Option(help="Backbone: lmm, mac, mag, mal or attn (model.variant).")] = None,
+    kernel: Annotated[
+        str | None, typer.Option(help="Memory-update path: torch, naive (per-token reference), triton, auto.")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="task.model, for tasks that have it.")] = None,
     lookback: Annotated[int | None, typer.Option(help="task.lookback, for tasks that have it.")] = None,
     horizon: Annotated[str | None, typer.Option(help="task.horizon, e.g. 96 or 96,192,336,720.")] = None,
@@ -62,6 +65,7 @@ def train(
         "run.data": ("--data", data),
         "run.name": ("--name", name),
         "model.variant": ("--variant", variant),
+        "model.kernel": ("--kernel", kernel),
         "task.model": ("--model", model),
         "task.lookback": ("--lookback", lookback),
         "task.horizon": ("--horizon", horizon),

@@ -11,7 +11,7 @@ import torch
 import tasks
 from tasks.recall import RecallTask
 from tests.recall_fixtures import tiny_config, tiny_data
-from titans_cli.errors import TitansError
+from titans_cli.errors import TitansError, UsageError
 from titans_cli.evaluate import evaluate_run
 from titans_cli.runs import read_jsonl
 from titans_cli.train import run
@@ -52,6 +52,10 @@ def test_early_stopping_after_patience_evaluations_without_improvement(data, tmp
     val_steps = [r["step"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["split"] == "val"]
     assert val_steps == [5, 10, 15]  # best at 5, then two evaluations without improvement
     assert result["stopped_early"] and result["best_step"] == 5 and result["steps"] == 15
+    with pytest.raises(UsageError, match="nothing to do, it stopped early"):
+        run(tiny_config(data, epochs=6, patience=2), FlatRecall(), tmp_path / "r", resume=True, quiet=True)
+    more = run(tiny_config(data, epochs=6, patience=4), FlatRecall(), tmp_path / "r", resume=True, quiet=True)
+    assert more["stopped_early"] and more["steps"] == 25  # two more evaluations without improvement
 
 
 def test_divergence_is_a_clear_runtime_error(data, tmp_path):

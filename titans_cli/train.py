@@ -181,6 +181,7 @@ def _train_one(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = TrainState(**ckpt["train_state"])
+        state.stopped_early = 0 < tc.patience <= state.bad_evals  # a raised --patience continues the run
         if state.step >= total or state.stopped_early:
             why = "stopped early (patience)" if state.stopped_early else f"reached step {state.step} of {total}"
             raise UsageError(f"--resume {run_dir}: nothing to do, it {why}; raise --epochs/--max-steps/--patience")

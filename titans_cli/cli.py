@@ -7,6 +7,7 @@ happen inside the commands, so `titans --help` stays fast.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Annotated
 
 import typer
@@ -48,7 +49,16 @@ def _register(target: typer.Typer, name: str, spec: str) -> None:
     it (wrapping twice is harmless).
     """
     module, attr = spec.split(":")
-    target.command(name)(handle_errors(getattr(importlib.import_module(module), attr)))
+    fn = getattr(importlib.import_module(module), attr)
+    help_text, example = _split_example(fn.__doc__ or "")
+    target.command(name, help=help_text, epilog=example)(handle_errors(fn))
+
+
+def _split_example(doc: str) -> tuple[str, str | None]:
+    """Move the docstring's `Example: ...` paragraph to the epilog, so every `--help` ends with it."""
+    text = inspect.cleandoc(doc)
+    head, sep, example = text.partition("Example:")
+    return (head.strip(), "Example: " + " ".join(example.split())) if sep else (text, None)
 
 
 # ---- command registrations: one line per command; add yours here ---------------------------------------

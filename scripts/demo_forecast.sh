@@ -10,6 +10,6 @@ TITANS=${TITANS:-titans}
 $TITANS prepare timeseries --input data/ETTh1/ETTh1.csv --split ett-hourly --out "$OUT/prepared" --overwrite
 $TITANS train --task forecast --preset forecast_small --data "$OUT/prepared" --out "$OUT/run" --overwrite \
     --no-progress
-$TITANS forecast --run "$OUT/run" --input data/ETTh1/ETTh1.csv --context all \
+$TITANS forecast --run "$OUT/run" --input data/ETTh1/ETTh1.csv \
     --out "$OUT/forecast.csv" --plot "$OUT/forecast.png"
 $TITANS eval --run "$OUT/run" --season-length 24

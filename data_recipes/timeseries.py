@@ -375,7 +375,13 @@ def prepare(
     manifest = {
         "recipe": "timeseries",
         "version": 1,
-        "input": {"file": input_path.name, "sha256": sha256_file(input_path), "format": fmt, "rows": n_rows},
+        "input": {
+            "file": input_path.name,
+            "sha256": sha256_file(input_path),
+            "format": fmt,
+            "id_col": id_col if fmt == "long" else None,
+            "rows": n_rows,
+        },
         "date_col": series.date_col,
         "freq": series.freq,
         "columns": used,

@@ -151,6 +151,8 @@ class ForecastTask:
             "fill": manifest["fill"],
             "scaler": manifest["scaler"],
             "input_sha256": manifest["input"]["sha256"],
+            "format": manifest["input"]["format"],  # `titans forecast` reads its input the same way
+            "id_col": manifest["input"].get("id_col") or "unique_id",
             "lookback": t.lookback,
             "horizon": t.pred_len,
             "splits": {
@@ -312,7 +314,7 @@ def forecast_file(
 
     Args:
         loaded: a `LoadedRun` of a forecast run (model, meta with scaler, columns, frequency).
-        input_path: a wide CSV/Parquet file with the run's date column and input columns.
+        input_path: CSV/Parquet in the training data's layout (wide, or long for runs prepared from long data).
         context: "window" reads the last `lookback` rows; "all" reads the whole file through the memory first.
 
     Returns:
@@ -322,7 +324,14 @@ def forecast_file(
     meta = loaded.meta
     if meta.get("task") != "forecast":
         raise UsageError(f"{loaded.run_dir}: a {meta.get('task')!r} run; use the command for that task")
-    series = ts.read_series(input_path, date_col=meta["date_col"], columns=meta["input_columns"], fill=meta["fill"])
+    series = ts.read_series(
+        input_path,
+        fmt=meta.get("format", "wide"),
+        date_col=meta["date_col"],
+        id_col=meta.get("id_col", "unique_id"),
+        columns=meta["input_columns"],
+        fill=meta["fill"],
+    )
     if series.freq != meta["freq"]:
         raise DataError(
             f"{input_path}: column {meta['date_col']!r}: step {series.freq} differs from the training data's "

@@ -111,3 +111,20 @@ def test_multi_horizon_run_trains_one_model_each_and_averages(trained, tmp_path)
     res = invoke("eval", "--run", run, "--json")
     assert res.exit_code == 0, res.output
     assert set(json.loads(res.stdout)["summary"]) >= {"model", "naive"}
+
+
+def test_long_format_round_trip(tmp_path):
+    wide = pl.read_csv(write_ett_slice(tmp_path / "w.csv", 400)).select("date", "OT", "LULL")
+    long = wide.unpivot(index="date", variable_name="unique_id", value_name="y").rename({"date": "ds"})
+    long.write_csv(tmp_path / "long.csv")
+    res = invoke("prepare", "timeseries", "--input", tmp_path / "long.csv", "--format", "long", "--out", tmp_path / "p",
+                 "--lookback", 24, "--horizon", 12, "-q")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = invoke("train", "--task", "forecast", "--preset", "forecast_tiny", "--data", tmp_path / "p",
+                 "--out", tmp_path / "run", "--max-steps", 1, "-q")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "fc.parquet"
+    res = invoke("forecast", "--run", tmp_path / "run", "--input", tmp_path / "long.csv", "--out", out)
+    assert res.exit_code == 0, res.output
+    table = pl.read_parquet(out)
+    assert table["series"].unique(maintain_order=True).to_list() == ["OT", "LULL"] and table.height == 24

@@ -22,7 +22,7 @@ _COMMAND_FOR = {"dna": "titans classify", "dna-lm": "titans eval", "recall": "ti
 def forecast(
     run: Annotated[Path, typer.Option(help="A forecast run directory (or one of its .pt checkpoints).")],
     input_path: Annotated[
-        Path, typer.Option("--input", help="Wide CSV/Parquet with the run's date column and input columns.")
+        Path, typer.Option("--input", help="CSV/Parquet laid out as the training data (wide or long), same columns.")
     ],
     out: Annotated[Path, typer.Option(help="Forecast table: .csv, .tsv or .parquet (series, cutoff, ds, h, y_pred).")],
     context: Annotated[

@@ -7,7 +7,8 @@ from its weights (`--init-from`) on 1024-token sequences and is evaluated on the
 Row fields: variant, accuracy / exact (test, 1024 tokens), stage-1 accuracy at 256, chance, train seconds
 (both stages, from the runs' own timers), wall seconds (prepare excluded), threads, torch version.
 
-    python bench/recall.py --threads 2 [--variants lmm,mac,mag,mal,attn] [--out runs/bench-recall] [--quick]
+    python bench/recall.py --threads 2 [--variants lmm,mac,mag,mal,attn] [--out runs/bench-recall]
+                           [--stage1-steps N] [--quick]
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ def main() -> None:
     parser.add_argument("--variants", default="lmm,mac,mag,mal,attn")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-recall"))
+    parser.add_argument("--stage1-steps", type=int, default=0, help="override recall_256's max_steps")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the script only")
     opts = parser.parse_args()
 
     quick = ["--max-steps", "4", "--set", "train.eval_every=2"] if opts.quick else []
+    longer = ["--max-steps", str(opts.stage1_steps)] if opts.stage1_steps and not opts.quick else []
     for size, args in DATA.items():
         if not (opts.out / f"data-{size}" / "manifest.json").is_file():
             titans(["prepare", "recall", "--out", str(opts.out / f"data-{size}"), *args, *COMMON_DATA], 1)
@@ -57,7 +60,7 @@ def main() -> None:
         stage1, stage2 = opts.out / f"{variant}-256", opts.out / f"{variant}-1024"
         started = time.perf_counter()
         first = titans(["train", "--preset", "recall_256", "--variant", variant, "--data", str(opts.out / "data-256"),
-                        "--out", str(stage1), "--overwrite", "--quiet", *quick], opts.threads)  # fmt: skip
+                        "--out", str(stage1), "--overwrite", "--quiet", *longer, *quick], opts.threads)  # fmt: skip
         second = titans(["train", "--preset", "recall_1k", "--variant", variant, "--data", str(opts.out / "data-1024"),
                          "--out", str(stage2), "--init-from", str(stage1), "--overwrite", "--quiet", *quick],
                         opts.threads)  # fmt: skip

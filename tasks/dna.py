@@ -34,6 +34,7 @@ class DnaConfig:
     model: Literal["titans", "cnn"] = "titans"  # cnn: the GenomicBenchmarks baseline through the same pipeline
     pooling: Literal["mean", "last"] = "mean"  # mean over real tokens (HyenaDNA's head), or the last token
     bins: int = 1  # mean pooling per relative-position bin, concatenated (1 = plain mean; see dna_models)
+    strands: Literal[1, 2] = 1  # 2: the backbone also reads the reverse complement; features are concatenated
     piece_len: int = 0  # Titans reads sequences in pieces of this many tokens; 0 = the longest training sequence
     rc_aug: bool = False  # replace each training sequence by its reverse complement with probability 1/2
     # Evaluation: average the class probabilities of both strands. Pair it with rc_aug: the reverse complement
@@ -195,7 +196,7 @@ class DnaTask:
             model: nn.Module = GenomicBenchmarksCNN(n_classes, t.cnn_length or meta["max_train_len"], t.cnn_crop)
         else:
             piece = t.piece_len or meta["max_train_len"]
-            model = TitansClassifier(cfg.model, n_classes, t.pooling, t.bins, piece, t.head_dropout)
+            model = TitansClassifier(cfg.model, n_classes, t.pooling, t.bins, piece, t.head_dropout, t.strands)
         weights = meta.get("class_weights")
         # Buffers (not saved): the loss and evaluation read these options from the model they are handed.
         model.register_buffer("class_weights", torch.tensor(weights or [1.0] * n_classes), persistent=False)

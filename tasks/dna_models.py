@@ -34,21 +34,41 @@ class TitansClassifier(nn.Module):
     part k holds positions p with floor(p · bins / length) = k) and concatenates the parts; bins = 1 is plain
     masked mean pooling (HyenaDNA's head). More bins let the head weigh where a motif occurs, as the CNN's
     position-specific dense layer does. Pooling `last` takes the last real token (the causal summary).
+
+    With `strands = 2` the same backbone also reads the reverse complement (the other strand, 5' to 3'), so every
+    bin gets context from both sides of a motif; the other strand's bins are flipped to line up with the forward
+    positions (exactly when `bins` divides the length, to within one base otherwise) and concatenated.
     """
 
     def __init__(
-        self, cfg: ModelConfig, n_classes: int, pooling: str, bins: int, piece_len: int, head_dropout: float
+        self,
+        cfg: ModelConfig,
+        n_classes: int,
+        pooling: str,
+        bins: int,
+        piece_len: int,
+        head_dropout: float,
+        strands: int = 1,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB_SIZE, cfg.dim)
         self.backbone = Titans(cfg)
         self.bins = 1 if pooling == "last" else bins
-        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(cfg.dim * self.bins, n_classes))
+        self.strands = strands
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(cfg.dim * self.bins * strands, n_classes))
         self.pooling = pooling
         self.piece_len = piece_len
 
     def features(self, tokens: Tensor, lengths: Tensor, piece_len: int | None = None) -> Tensor:
-        """Pooled backbone features `[B, bins · dim]` of right-padded tokens `[B, T]` with true `lengths` `[B]`."""
+        """Pooled features `[B, strands · bins · dim]` of right-padded tokens `[B, T]` with true `lengths` `[B]`."""
+        pooled = self.pool(tokens, lengths, piece_len)  # [B, bins, dim]
+        if self.strands == 2:
+            other = self.pool(rc_tokens(tokens, lengths), lengths, piece_len).flip(1)
+            pooled = torch.cat([pooled, other], dim=-1)
+        return pooled.reshape(pooled.shape[0], -1)
+
+    def pool(self, tokens: Tensor, lengths: Tensor, piece_len: int | None = None) -> Tensor:
+        """One strand read left to right in pieces, pooled to `[B, bins, dim]` (`[B, 1, dim]` for `last`)."""
         T = int(lengths.max())
         tokens = tokens[:, :T]  # batch columns past the longest sequence are padding only
         piece = piece_len or self.piece_len or T
@@ -69,12 +89,12 @@ class TitansClassifier(nn.Module):
             picked = y[rows, (lengths - 1 - start).clamp(0, y.shape[1] - 1)]
             last = torch.where(hit.unsqueeze(1), picked, picked.new_zeros(()) if last is None else last)
         if self.pooling == "last":
-            return last
+            return last.unsqueeze(1)
         # Positions per bin: bin k of a row of length n holds ceil((k+1)·n/K) - ceil(k·n/K) positions.
         k = torch.arange(K + 1, device=lengths.device).unsqueeze(0)
         edges = (k * lengths.unsqueeze(1) + K - 1).div(K, rounding_mode="floor")  # [B, K+1]
         counts = (edges[:, 1:] - edges[:, :-1]).clamp(min=1).to(sums.dtype)  # an empty bin (n < K) stays zero
-        return (sums / counts.unsqueeze(-1)).reshape(B, -1)
+        return sums / counts.unsqueeze(-1)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Class logits `[B, n_classes]`."""

@@ -59,10 +59,10 @@ def test_rc_tokens_matches_the_string_reverse_complement() -> None:
     assert torch.equal(rc_tokens(out, lengths), tokens)
 
 
-def classifier(variant: str = "lmm", bins: int = 1, pooling: str = "mean") -> TitansClassifier:
+def classifier(variant: str = "lmm", bins: int = 1, pooling: str = "mean", strands: int = 1) -> TitansClassifier:
     torch.manual_seed(0)
     cfg = ModelConfig(**{**TINY.__dict__, "variant": variant, "window": 8, "segment_len": 8})
-    return TitansClassifier(cfg, 3, pooling, bins, piece_len=0, head_dropout=0.0).eval()
+    return TitansClassifier(cfg, 3, pooling, bins, piece_len=0, head_dropout=0.0, strands=strands).eval()
 
 
 @pytest.mark.parametrize("variant", ["lmm", "mag"])
@@ -78,8 +78,8 @@ def test_long_sequences_streamed_in_pieces_equal_one_call(variant: str) -> None:
 
 
 def test_predictions_do_not_depend_on_batch_size_or_neighbours() -> None:
-    for pooling in ("mean", "last"):
-        model = classifier(bins=2, pooling=pooling)
+    for pooling, strands in (("mean", 1), ("last", 1), ("mean", 2)):
+        model = classifier(bins=2, pooling=pooling, strands=strands)
         seqs = ["ACGTACGTAC", "GGG", "TTTTACGATCGATCGAAC", "A"]
         tokens, lengths = batch_of(seqs)
         with torch.no_grad():
@@ -95,6 +95,18 @@ def test_mean_pooling_bins_average_relative_positions() -> None:
         y, _ = model.backbone(model.embed(tokens))
         expected = torch.cat([y[0, [p for p in range(23) if p * 4 // 23 == k]].mean(0) for k in range(4)])
         assert torch.allclose(model.features(tokens, lengths)[0], expected, atol=1e-6)
+
+
+def test_two_strand_features_swap_under_reverse_complement() -> None:
+    model = classifier(bins=3, strands=2)
+    seqs = ["ACGTTGCAACGTAGGCTAGCATGA", "GATTACA"]
+    with torch.no_grad():
+        fwd = model.features(*batch_of(seqs)).view(2, 3, 2, -1)  # [B, bins, strand, dim]
+        rev = model.features(*batch_of([reverse_complement(s) for s in seqs])).view(2, 3, 2, -1)
+        streamed = model.features(*batch_of(seqs), piece_len=5).view(2, 3, 2, -1)
+    # Reading the other strand first swaps the two halves and mirrors the bins: an exact symmetry.
+    assert torch.allclose(rev, fwd.flip(1).flip(2), atol=1e-5)
+    assert torch.allclose(streamed, fwd, atol=1e-5)
 
 
 def test_cnn_reads_a_fixed_length_window() -> None:

@@ -8,7 +8,7 @@ Row fields: variant, accuracy / exact (test, 1024 tokens), stage-1 accuracy at 2
 (both stages, from the runs' own timers), wall seconds (prepare excluded), threads, torch version.
 
     python bench/recall.py --threads 2 [--variants lmm,mac,mag,mal,attn] [--out runs/bench-recall]
-                           [--stage1-steps N] [--quick]
+                           [--stage1-steps N] [--set section.key=value ...] [--quick]
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ DATA = {
 COMMON_DATA = ["--pairs", "4", "--queries", "4", "--vocab", "16", "--filler-vocab", "1", "--seed", "0"]
 
 
+class Failed(Exception):
+    """A `titans` command exited non-zero; the message is its error line."""
+
+
 def titans(args: list[str], threads: int) -> dict[str, Any]:
     """Run `python -m titans_cli ARGS --json` with `threads` intra-op threads; return its JSON result."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -38,7 +42,7 @@ def titans(args: list[str], threads: int) -> dict[str, Any]:
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
-        raise SystemExit(f"titans {' '.join(args)} failed with exit code {done.returncode}")
+        raise Failed(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
     return json.loads(done.stdout)
 
 
@@ -48,36 +52,41 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-recall"))
     parser.add_argument("--stage1-steps", type=int, default=0, help="override recall_256's max_steps")
+    parser.add_argument("--set", action="append", default=[], help="section.key=value for both stages")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the script only")
     opts = parser.parse_args()
 
     quick = ["--max-steps", "4", "--set", "train.eval_every=2"] if opts.quick else []
     longer = ["--max-steps", str(opts.stage1_steps)] if opts.stage1_steps and not opts.quick else []
+    sets = [arg for item in opts.set for arg in ("--set", item)]
     for size, args in DATA.items():
         if not (opts.out / f"data-{size}" / "manifest.json").is_file():
             titans(["prepare", "recall", "--out", str(opts.out / f"data-{size}"), *args, *COMMON_DATA], 1)
     for variant in opts.variants.split(","):
         stage1, stage2 = opts.out / f"{variant}-256", opts.out / f"{variant}-1024"
         started = time.perf_counter()
-        first = titans(["train", "--preset", "recall_256", "--variant", variant, "--data", str(opts.out / "data-256"),
-                        "--out", str(stage1), "--overwrite", "--quiet", *longer, *quick], opts.threads)  # fmt: skip
-        second = titans(["train", "--preset", "recall_1k", "--variant", variant, "--data", str(opts.out / "data-1024"),
-                         "--out", str(stage2), "--init-from", str(stage1), "--overwrite", "--quiet", *quick],
-                        opts.threads)  # fmt: skip
-        wall = time.perf_counter() - started
-        row = {
-            "variant": variant,
-            "seq_len": 1024,
-            "window": 64,
-            "accuracy": round(second["test"]["accuracy"], 4),
-            "exact": round(second["test"]["exact"], 4),
-            "accuracy_256": round(first["test"]["accuracy"], 4),
-            "chance": second["test"]["chance_accuracy"],
-            "steps": [first["steps"], second["steps"]],
-            "train_seconds": round(first["train_seconds"] + second["train_seconds"], 1),
-            "wall_seconds": round(wall, 1),
-            "threads": opts.threads,
-        }
+        row: dict[str, Any] = {"variant": variant, "seq_len": 1024, "window": 64, "threads": opts.threads}
+        if opts.set:
+            row["set"] = opts.set
+        try:
+            first = titans(["train", "--preset", "recall_256", "--variant", variant, "--data",
+                            str(opts.out / "data-256"), "--out", str(stage1), "--overwrite", "--quiet", *sets,
+                            *longer, *quick], opts.threads)  # fmt: skip
+            second = titans(["train", "--preset", "recall_1k", "--variant", variant, "--data",
+                             str(opts.out / "data-1024"), "--out", str(stage2), "--init-from", str(stage1),
+                             "--overwrite", "--quiet", *sets, *quick], opts.threads)  # fmt: skip
+        except Failed as err:
+            print(json.dumps({**row, "error": str(err)}), flush=True)
+            continue
+        row.update(
+            accuracy=round(second["test"]["accuracy"], 4),
+            exact=round(second["test"]["exact"], 4),
+            accuracy_256=round(first["test"]["accuracy"], 4),
+            chance=second["test"]["chance_accuracy"],
+            steps=[first["steps"], second["steps"]],
+            train_seconds=round(first["train_seconds"] + second["train_seconds"], 1),
+            wall_seconds=round(time.perf_counter() - started, 1),
+        )
         print(json.dumps(row), flush=True)
 
 

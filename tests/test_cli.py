@@ -142,3 +142,10 @@ def test_version_and_help_examples():
     for command in (["train"], ["eval"], ["prepare", "recall"]):
         result = invoke(*command, "--help")
         assert result.exit_code == 0 and result.stdout.rindex("Example: titans") > result.stdout.rindex("--help")
+
+
+def test_json_output_is_strict_json_even_for_nan(capsys):
+    from titans_cli.commands.common import emit_result
+
+    emit_result({"loss": float("nan"), "nested": {"mse": float("inf")}, "accuracy": 0.5}, json_out=True)
+    assert json.loads(capsys.readouterr().out) == {"loss": None, "nested": {"mse": None}, "accuracy": 0.5}

@@ -241,9 +241,11 @@ def _train_one(
                 with autocast(device, tc.precision):
                     loss = task.loss(model, batch)
                 if not torch.isfinite(loss):
+                    bf16 = ", use --precision 32" if tc.precision == "bf16" else ""
                     raise TitansError(
                         f"training diverged: loss is {loss.item()} at step {state.step} (epoch {epoch + 1}); "
-                        f"lower --lr (now {tc.lr:g}) or use --precision 32"
+                        f"lower --lr (now {tc.lr:g}){bf16}, or model.theta_max / model.chunk_size for a "
+                        "steadier memory update"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -17,6 +17,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 
 from titans_cli.errors import TitansError
+from titans_cli.runs import json_safe
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -78,7 +79,8 @@ def log(message: str, quiet: bool = False) -> None:
 def emit_result(result: dict[str, Any], json_out: bool, human: Callable[[dict[str, Any]], str] | None = None) -> None:
     """Print a command's result on stdout: one JSON object with `--json`, else readable `key: value` lines."""
     if json_out:
-        print(json.dumps(result, default=_json_default, sort_keys=False))
+        # NaN and infinities become null: `json.dumps` would write bare NaN, which strict JSON parsers reject.
+        print(json.dumps(json_safe(result), default=_json_default, allow_nan=False))
         return
     if human is not None:
         print(human(result))

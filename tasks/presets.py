@@ -42,42 +42,23 @@ def _recall_model() -> ModelConfig:
     )  # fmt: skip
 
 
+def _recall_run(lr: float, max_steps: int, eval_every: int) -> RunConfig:
+    # Both stages of the recall claim train the same model with batch 8 and no weight decay.
+    train = TrainConfig(
+        lr=lr, weight_decay=0.0, batch_size=8, max_steps=max_steps, warmup=0.05, eval_every=eval_every,
+        eval_batch_size=50, log_every=25,
+    )  # fmt: skip
+    return RunConfig(run=RunSection(task="recall"), model=_recall_model(), train=train, task=RecallConfig())
+
+
 def recall_256() -> RunConfig:
     """Recall claim, stage 1: learn the task on 256-token sequences (pairs > 128 tokens before the queries)."""
-    return RunConfig(
-        run=RunSection(task="recall"),
-        model=_recall_model(),
-        train=TrainConfig(
-            lr=3e-3,
-            weight_decay=0.0,
-            batch_size=8,
-            max_steps=1200,
-            warmup=0.05,
-            eval_every=300,
-            eval_batch_size=50,
-            log_every=25,
-        ),  # fmt: skip
-        task=RecallConfig(),
-    )
+    return _recall_run(lr=3e-3, max_steps=1200, eval_every=300)
 
 
 def recall_1k() -> RunConfig:
     """Recall claim, stage 2: continue (--init-from a recall_256 run) on 1024-token sequences, window 64."""
-    return RunConfig(
-        run=RunSection(task="recall"),
-        model=_recall_model(),
-        train=TrainConfig(
-            lr=1e-3,
-            weight_decay=0.0,
-            batch_size=8,
-            max_steps=300,
-            warmup=0.05,
-            eval_every=100,
-            eval_batch_size=50,
-            log_every=25,
-        ),  # fmt: skip
-        task=RecallConfig(),
-    )
+    return _recall_run(lr=1e-3, max_steps=300, eval_every=100)
 
 
 def forecast_tiny() -> RunConfig:

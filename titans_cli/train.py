@@ -200,7 +200,11 @@ def _train_one(
         f"{n_params / 1e6:.2f}M parameters · {total} steps ({steps_per_epoch}/epoch, batch {tc.batch_size})"
     )
 
-    eval_bs = tc.eval_batch_size or tc.batch_size
+    def evaluate(dataset: Any) -> dict[str, Any]:
+        return evaluate_split(
+            task, model, dataset, data.meta, batch_size=tc.eval_batch_size or tc.batch_size, device=device,
+            precision=tc.precision, num_workers=tc.num_workers,
+        )  # fmt: skip
 
     def checkpoint_payload(val_metrics: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -270,16 +274,7 @@ def _train_one(
                 end_of_epoch = state.step % steps_per_epoch == 0
                 due = state.step % tc.eval_every == 0 if tc.eval_every else end_of_epoch
                 if due or state.step == total:
-                    metrics = evaluate_split(
-                        task,
-                        model,
-                        data.val,
-                        data.meta,
-                        batch_size=eval_bs,
-                        device=device,
-                        precision=tc.precision,
-                        num_workers=tc.num_workers,
-                    )
+                    metrics = evaluate(data.val)
                     value = metrics[task.primary_metric]
                     improved = is_better(value, state.best, task.higher_is_better)
                     if improved:
@@ -323,17 +318,13 @@ def _train_one(
     best_val = json.loads(best["val_metrics_json"])
     final: dict[str, Any] = {"split": "val", "checkpoint": "best.pt", "step": state.best_step, **best_val}
     if data.test is not None and len(data.test) > 0:
-        test = evaluate_split(
-            task,
-            model,
-            data.test,
-            data.meta,
-            batch_size=eval_bs,
-            device=device,
-            precision=tc.precision,
-            num_workers=tc.num_workers,
-        )
-        final = {"split": "test", "checkpoint": "best.pt", "step": state.best_step, **test, "val": best_val}
+        final = {
+            "split": "test",
+            "checkpoint": "best.pt",
+            "step": state.best_step,
+            **evaluate(data.test),
+            "val": best_val,
+        }
     runs.write_json(run_dir / runs.METRICS, final)
     runs.write_metrics_csv(run_dir)
     return {

@@ -32,8 +32,8 @@ class DnaConfig:
     """The `[task]` section of a `dna` run."""
 
     model: Literal["titans", "cnn"] = "titans"  # cnn: the GenomicBenchmarks baseline through the same pipeline
-    pooling: Literal["mean", "last"] = "mean"  # mean over real tokens (HyenaDNA's head), or the last token
-    bins: int = 1  # mean pooling per relative-position bin, concatenated (1 = plain mean; see dna_models)
+    pooling: Literal["mean", "max", "last"] = "mean"  # over real tokens (mean: HyenaDNA's head); last token
+    bins: int = 1  # mean/max pooling per relative-position bin, concatenated (1 = whole sequence; dna_models)
     strands: Literal[1, 2] = 1  # 2: the backbone also reads the reverse complement; features are concatenated
     piece_len: int = 0  # Titans reads sequences in pieces of this many tokens; 0 = the longest training sequence
     rc_aug: bool = False  # replace each training sequence by its reverse complement with probability 1/2

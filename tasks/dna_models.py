@@ -33,7 +33,8 @@ class TitansClassifier(nn.Module):
     Pooling `mean` averages the real tokens of each of `bins` equal parts of a sequence (relative position:
     part k holds positions p with floor(p · bins / length) = k) and concatenates the parts; bins = 1 is plain
     masked mean pooling (HyenaDNA's head). More bins let the head weigh where a motif occurs, as the CNN's
-    position-specific dense layer does. Pooling `last` takes the last real token (the causal summary).
+    position-specific dense layer does. Pooling `max` takes the per-bin maximum instead (a sharp motif is not
+    diluted by its bin); `last` takes the last real token (the causal summary).
 
     With `strands = 2` the same backbone also reads the reverse complement (the other strand, 5' to 3'), so every
     bin gets context from both sides of a motif; the other strand's bins are flipped to line up with the forward
@@ -82,14 +83,21 @@ class TitansClassifier(nn.Module):
             real = pos < lengths.unsqueeze(1)  # [B, t]
             which = (pos * K).div(lengths.unsqueeze(1), rounding_mode="floor").clamp(max=K - 1)
             weight = nn.functional.one_hot(which, K).to(y.dtype) * real.unsqueeze(-1).to(y.dtype)  # [B, t, K]
-            part = weight.transpose(1, 2) @ y  # [B, K, dim]
-            sums = part if sums is None else sums + part
+            if self.pooling == "max":
+                inside = weight.unsqueeze(-1) > 0  # [B, t, K, 1]
+                part = y.unsqueeze(2).masked_fill(~inside, float("-inf")).amax(1)  # [B, K, dim]
+                sums = part if sums is None else torch.maximum(sums, part)
+            else:
+                part = weight.transpose(1, 2) @ y  # [B, K, dim]
+                sums = part if sums is None else sums + part
             # The last real token of a row falls into exactly one piece.
             hit = (lengths - 1 >= start) & (lengths - 1 < start + y.shape[1])
             picked = y[rows, (lengths - 1 - start).clamp(0, y.shape[1] - 1)]
             last = torch.where(hit.unsqueeze(1), picked, picked.new_zeros(()) if last is None else last)
         if self.pooling == "last":
             return last.unsqueeze(1)
+        if self.pooling == "max":
+            return sums.masked_fill(sums == float("-inf"), 0.0)  # an empty bin (n < K) reads as zero
         # Positions per bin: bin k of a row of length n holds ceil((k+1)·n/K) - ceil(k·n/K) positions.
         k = torch.arange(K + 1, device=lengths.device).unsqueeze(0)
         edges = (k * lengths.unsqueeze(1) + K - 1).div(K, rounding_mode="floor")  # [B, K+1]

@@ -78,7 +78,7 @@ def test_long_sequences_streamed_in_pieces_equal_one_call(variant: str) -> None:
 
 
 def test_predictions_do_not_depend_on_batch_size_or_neighbours() -> None:
-    for pooling, strands in (("mean", 1), ("last", 1), ("mean", 2)):
+    for pooling, strands in (("mean", 1), ("max", 1), ("last", 1), ("mean", 2)):
         model = classifier(bins=2, pooling=pooling, strands=strands)
         seqs = ["ACGTACGTAC", "GGG", "TTTTACGATCGATCGAAC", "A"]
         tokens, lengths = batch_of(seqs)
@@ -88,13 +88,16 @@ def test_predictions_do_not_depend_on_batch_size_or_neighbours() -> None:
         assert torch.allclose(together, alone, atol=1e-5), pooling
 
 
-def test_mean_pooling_bins_average_relative_positions() -> None:
-    model = classifier(bins=4)
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_pooling_bins_cover_relative_positions(pooling: str) -> None:
+    model = classifier(bins=4, pooling=pooling)
     tokens, lengths = batch_of(["ACGTTGCAACGTAGGCTAGCATG"])  # 23 positions: bins of 6, 6, 6, 5
+    reduce = {"mean": lambda t: t.mean(0), "max": lambda t: t.amax(0)}[pooling]
     with torch.no_grad():
         y, _ = model.backbone(model.embed(tokens))
-        expected = torch.cat([y[0, [p for p in range(23) if p * 4 // 23 == k]].mean(0) for k in range(4)])
+        expected = torch.cat([reduce(y[0, [p for p in range(23) if p * 4 // 23 == k]]) for k in range(4)])
         assert torch.allclose(model.features(tokens, lengths)[0], expected, atol=1e-6)
+        assert torch.allclose(model.features(tokens, lengths, piece_len=5)[0], expected, atol=1e-5)
 
 
 def test_two_strand_features_swap_under_reverse_complement() -> None:

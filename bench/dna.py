@@ -43,6 +43,17 @@ def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
 
 
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def config_for(preset: str, data: Path, sets: list[str], quick: bool) -> RunConfig:
     """A preset pointed at the prepared data; `--set` overrides; `--quick` trains 3 steps."""
     base = PRESETS[preset]()
@@ -67,7 +78,7 @@ def main() -> None:
     data = args.out / "prom_300_tata"
     manifest = prepare(DnaPrepareOptions(train=GUE / "train.csv", val=GUE / "dev.csv", test=GUE / "test.csv"), data)
     emit({"data": str(data), "splits": {k: v["rows"] for k, v in manifest["splits"].items()}})
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "cpu"}
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name()}
     results = {}
     for name, preset, sets in (("cnn", args.cnn, []), ("titans", args.titans, args.sets)):
         cfg = config_for(preset, data, sets, args.quick)

@@ -55,6 +55,8 @@ class NeuralMemory(nn.Module):
         conv_kernel: short causal depthwise conv after the q/k/v projections (0 or 1 disables it).
         read: "inclusive" (M_t(q_t)) or "strict" (M_{t-1}(q_t)).
         kernel: memory-update path, see `titans_cli.ops.memory_update.memory_update`.
+        inner_clip: c > 0 clamps each token's inner error M(k) − v to [−c, c] (Huber inner loss, spec §11): a
+            bound on every write that keeps the chunked update finite when a chunk's keys coincide; 0 disables it.
     """
 
     def __init__(
@@ -69,13 +71,14 @@ class NeuralMemory(nn.Module):
         conv_kernel: int = 4,
         read: str = "inclusive",
         kernel: str = "torch",
+        inner_clip: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.activation, self.chunk_size, self.theta_max = activation, chunk_size, theta_max
-        self.read, self.kernel = read, kernel
+        self.read, self.kernel, self.inner_clip = read, kernel, inner_clip
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = CausalDepthwiseConv(3 * dim, conv_kernel)
         self.gates = nn.Linear(dim, 3 * heads)
@@ -135,6 +138,7 @@ class NeuralMemory(nn.Module):
         y, new = memory_update(
             q, k, v, alpha, eta, self.theta_max * theta, state,
             chunk_size=self.chunk_size, activation=self.activation, read=self.read, kernel=self.kernel,
+            clip=self.inner_clip,
         )  # fmt: skip
         return self._output(y.to(x.dtype), x), dataclasses.replace(new, conv=tail)
 

@@ -154,7 +154,7 @@ def _memory(cfg: ModelConfig) -> NeuralMemory:
     return NeuralMemory(
         cfg.dim, cfg.heads, depth=cfg.memory_depth, expansion=cfg.memory_expansion,
         activation=cfg.memory_activation, chunk_size=cfg.chunk_size, theta_max=cfg.theta_max,
-        conv_kernel=cfg.conv_kernel, read=cfg.read, kernel=cfg.kernel,
+        conv_kernel=cfg.conv_kernel, read=cfg.read, kernel=cfg.kernel, inner_clip=cfg.inner_clip,
     )  # fmt: skip
 
 

@@ -248,8 +248,8 @@ def _train_one(
                     bf16 = ", use --precision 32" if tc.precision == "bf16" else ""
                     raise TitansError(
                         f"training diverged: loss is {loss.item()} at step {state.step} (epoch {epoch + 1}); "
-                        f"lower --lr (now {tc.lr:g}){bf16}, or model.theta_max / model.chunk_size for a "
-                        "steadier memory update"
+                        f"lower --lr (now {tc.lr:g}){bf16}, lower model.theta_max / model.chunk_size, or set "
+                        "model.inner_clip (e.g. 1.0) for a steadier memory update"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -51,7 +51,9 @@ def _loss(y, new_w, new_s):
     return (y * w).sum() + sum((s**2).sum() for s in new_w) + sum((s**3).sum() for s in new_s)
 
 
-def _compare_step(depth: int, n: int, read: str, activation: str, anchor_kind: str, seed: int = 0) -> None:
+def _compare_step(
+    depth: int, n: int, read: str, activation: str, anchor_kind: str, seed: int = 0, clip: float = 0.0
+) -> None:
     g = torch.Generator().manual_seed(seed)
     leaves = [t.requires_grad_() for t in _gates_and_qkv(n, g)]
     if anchor_kind == "fresh":
@@ -69,7 +71,7 @@ def _compare_step(depth: int, n: int, read: str, activation: str, anchor_kind: s
         weights, surprise, anchor = st[:depth], st[depth : 2 * depth], st[2 * depth :]
 
     def run(step):
-        y, new_w, new_s = step(*leaves[:6], weights, surprise, anchor, activation, read)
+        y, new_w, new_s = step(*leaves[:6], weights, surprise, anchor, activation, read, clip)
         return y, new_w, new_s, torch.autograd.grad(_loss(y, new_w, new_s), leaves)
 
     ref, out = run(_chunk_step), run(_fused_chunk_step)
@@ -96,6 +98,14 @@ def test_fused_step_activations_need_the_second_derivative(activation, n):
     # Depth 2 and 3 go through δ_l = (δ_{l+1} Wᵀ) ⊙ σ'(z), whose backward uses σ''.
     for depth in (2, 3):
         _compare_step(depth, n=n, read="strict", activation=activation, anchor_kind="mid_chunk", seed=n)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("anchor_kind", ["fresh", "mid_chunk"])
+def test_fused_step_with_inner_clip_matches_autograd_step(depth, anchor_kind):
+    # v ~ N(0, 1) against weights of norm ~1: a clip of 0.5 cuts a good share of the errors, so both the clamped and
+    # the passed-through branches of the backward are exercised.
+    _compare_step(depth, n=6, read="inclusive", activation="silu", anchor_kind=anchor_kind, clip=0.5)
 
 
 def test_fused_step_passes_gradcheck():

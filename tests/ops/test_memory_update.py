@@ -91,6 +91,52 @@ def test_hand_written_inner_gradients_equal_autograd(activation):
         torch.testing.assert_close(inputs[l].transpose(-1, -2) @ errors[l], expected[l], atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_inner_clip_chunked_equals_huber_reference(depth, chunk_size):
+    """With an inner clip the fast path equals the reference whose inner loss is the Huber loss, written out there
+    and differentiated by autograd; outputs, final state and every gradient."""
+    tensors = _inputs(T=11, depth=depth, seed=5)
+    ref = _run(recurrent_memory_update, tensors, depth, chunk_size=chunk_size, clip=0.5)
+    out = _run(chunk_memory_update, tensors, depth, chunk_size=chunk_size, clip=0.5)
+    _assert_same(ref, out, 1e-10)
+    plain = _run(chunk_memory_update, tensors, depth, chunk_size=chunk_size)
+    assert (plain[0] - out[0]).abs().max() > 1e-3  # the clip is active on these inputs
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_clipped_inner_gradients_are_huber_gradients(activation):
+    g = torch.Generator().manual_seed(6)
+    weights = [torch.randn(3, 4, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, 4, generator=g,
+               dtype=torch.float64)]  # fmt: skip
+    k = torch.randn(3, 1, 4, generator=g, dtype=torch.float64)
+    v = 2 * torch.randn(3, 1, 4, generator=g, dtype=torch.float64)
+    leaves = [w.clone().requires_grad_() for w in weights]
+    loss = F.huber_loss(mlp_forward(leaves, k, activation), v, reduction="sum", delta=0.3)
+    expected = torch.autograd.grad(loss, leaves)
+    inputs, errors = mlp_inner_grad_factors(weights, k, v, activation, clip=0.3)
+    assert errors[-1].abs().max() <= 0.3
+    for l in range(2):
+        torch.testing.assert_close(inputs[l].transpose(-1, -2) @ errors[l], expected[l], atol=1e-12, rtol=1e-12)
+
+
+def test_inner_clip_keeps_a_long_run_of_one_key_finite():
+    """The failure mode of the chunked update (spec §11): a chunk of b equal keys sums b gradients taken at the same
+    point, i.e. one step of size Σθ ≈ b·θ on that key; with b·θ > 2 every chunk overshoots and the memory grows
+    geometrically. Clamping the inner error bounds each write, so the memory stays finite and bounded."""
+    T, b = 2048, 64
+    g = torch.Generator().manual_seed(7)
+    k = F.normalize(torch.randn(1, 1, 1, D, generator=g), dim=-1).expand(1, 1, T, D)
+    v = torch.randn(1, 1, 1, D, generator=g).expand(1, 1, T, D)
+    alpha, eta, theta = torch.full((1, 1, T), 1e-3), torch.full((1, 1, T), 0.5), torch.full((1, 1, T), 0.1)
+    state = MemoryState.initial([torch.zeros(1, D, D)], 1)
+    y, _ = chunk_memory_update(k, k, v, alpha, eta, theta, state, chunk_size=b)
+    assert not torch.isfinite(y).all() or y.abs().max() > 1e6  # unclipped: diverged
+    y, end = chunk_memory_update(k, k, v, alpha, eta, theta, state, chunk_size=b, clip=1.0)
+    assert torch.isfinite(y).all() and y.abs().max() < 100.0
+    assert end.weights[0].norm() < 100.0
+
+
 def test_no_momentum_linear_memory_is_a_delta_rule_with_forget_gate():
     """η = 0, L_M = 1 (spec §5.5): M_t = (1−α_t) M_{t−1} − θ_t (M_{t−1} k_t − v_t) k_tᵀ, column convention."""
     T = 9

@@ -32,8 +32,9 @@ def memory_update(
     activation: str = "silu",
     read: str = "inclusive",
     kernel: str = "torch",
+    clip: float = 0.0,
 ) -> tuple[Tensor, MemoryState]:
-    """Write k→v into the memory and read it with q; see `chunk_memory_update` for shapes."""
+    """Write k→v into the memory and read it with q; see `chunk_memory_update` for shapes and `clip`."""
     if kernel not in KERNELS:
         raise UsageError(f"model.kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "naive":
@@ -42,7 +43,7 @@ def memory_update(
         fn = chunk_memory_update
     else:
         # --- Triton selection (Engineer D, triton.py): imported lazily, the package runs without triton ---
-        reason = _triton_unsupported(q, state, chunk_size, activation, read)
+        reason = _triton_unsupported(q, state, chunk_size, activation, read, clip)
         if reason is None:
             from titans_cli.ops.memory_update.triton import triton_memory_update as fn
         elif kernel == "triton":
@@ -50,14 +51,17 @@ def memory_update(
         else:
             fn = chunk_memory_update
         # --- end Triton selection ---
-    return fn(q, k, v, alpha, eta, theta, state, chunk_size=chunk_size, activation=activation, read=read)
+    extra = {"clip": clip} if clip > 0 else {}
+    return fn(q, k, v, alpha, eta, theta, state, chunk_size=chunk_size, activation=activation, read=read, **extra)
 
 
 # --- Triton selection helper (Engineer D) ---
 def _triton_unsupported(
-    q: Tensor, state: MemoryState, chunk_size: int, activation: str, read: str
+    q: Tensor, state: MemoryState, chunk_size: int, activation: str, read: str, clip: float = 0.0
 ) -> str | None:
     """Why the Triton kernel cannot run these inputs (triton missing, no CUDA, shapes), or None when it can."""
+    if clip > 0:
+        return "the inner-gradient clamp (model.inner_clip > 0) has no Triton kernel yet"
     try:
         from titans_cli.ops.memory_update import triton as triton_kernel
     except ImportError as exc:

@@ -94,11 +94,12 @@ def _chunk_step(
     anchor: Sequence[Tensor],
     activation: str,
     read: str,
+    clip: float = 0.0,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One chunk: reads `[B, H, n, D]` and the end-of-chunk weights and surprise."""
     act, _ = ACTIVATIONS[activation]
     beta, gamma, e, c, theta_p = chunk_coefficients(alpha, eta, theta)
-    inputs, errors = mlp_inner_grad_factors(anchor, k, v, activation)
+    inputs, errors = mlp_inner_grad_factors(anchor, k, v, activation, clip)
     r_beta, r_gamma, r_c = _read_rows(beta, gamma, c, read)
     h = q
     n_layers = len(weights)
@@ -176,7 +177,7 @@ class _FusedChunkStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, activation, n_layers, q, k, v, r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp, *state):
+    def forward(ctx, activation, n_layers, clip, q, k, v, r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp, *state):
         L = n_layers
         weights, surprise, anchor = state[:L], state[L : 2 * L], state[2 * L :]
         act, act_grad = ACTIVATIONS[activation]
@@ -186,6 +187,10 @@ class _FusedChunkStep(torch.autograd.Function):
             ps.append(xs[-1] @ anchor[l])
             xs.append(act(ps[-1]))
         d = xs[-1] @ anchor[-1] - v  # δ_L = M(k) − v
+        inside = None
+        if clip > 0:  # Huber inner loss (mlp.py): δ_L clamped; its backward passes gradient only where |δ_L| < c
+            inside = d.abs() <= clip
+            d = d.clamp(-clip, clip)
         ds = [d]
         for l in range(L - 1, 0, -1):
             ts.append(d @ _t(anchor[l]))
@@ -221,7 +226,7 @@ class _FusedChunkStep(torch.autograd.Function):
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(
             r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp, *state, *xs, *ps, *ts, *ds, *hs, *zs, *hw_all,
-            *hsv_all, *has,
+            *hsv_all, *has, *(() if inside is None else (inside,)),
         )  # fmt: skip
         ctx.set_materialize_grads(False)
         return (h, *new_w, *new_s)
@@ -251,6 +256,7 @@ class _FusedChunkStep(torch.autograd.Function):
         weights, surprise, anchor = take(L), take(L), take(L)
         xs, ps, ts, ds = take(L), take(L - 1), take(L - 1), take(L)
         hs, zs, hw_all, hsv_all, has = take(L), take(L - 1), take(L), take(L), take(L)
+        inside = saved[pos] if pos < len(saved) else None
         ga: list[Tensor | None] = [None] * L  # ∂/∂a_l (layer inputs at the anchor)
         gd: list[Tensor | None] = [None] * L  # ∂/∂δ_l
         gw: list[Tensor | None] = [None] * L
@@ -313,6 +319,8 @@ class _FusedChunkStep(torch.autograd.Function):
             gd[l + 1] = _mm(gd[l + 1], gt, anchor[l + 1])
             ganc[l + 1] = _t(gt) @ ds[l + 1]
         gpred = gd[L - 1]
+        if gpred is not None and inside is not None:
+            gpred = gpred * inside
         gv = None if gpred is None else -gpred
         gx = ga[L - 1]
         if gpred is not None:
@@ -326,8 +334,8 @@ class _FusedChunkStep(torch.autograd.Function):
                 ganc[l] = _mm(ganc[l], _t(xs[l]), gp[l])
                 gx = _mm(gx, gp[l], _t(anchor[l]))
         need = ctx.needs_input_grad
-        grads_state = [g if need[13 + i] else None for i, g in enumerate([*gw, *gs, *ganc])]
-        return (None, None, gq, gx, gv, g_rbeta, g_rgamma, g_rc, gb_end, gg_end, ge_end, gc_end, g_tp, *grads_state)
+        grads_state = [g if need[14 + i] else None for i, g in enumerate([*gw, *gs, *ganc])]
+        return (None, None, None, gq, gx, gv, g_rbeta, g_rgamma, g_rc, gb_end, gg_end, ge_end, gc_end, g_tp, *grads_state)
 
 
 def _step_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, read: str) -> list[Tensor]:
@@ -341,10 +349,10 @@ def _step_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, read: str) -> 
 
 def _apply_fused(
     q: Tensor, k: Tensor, v: Tensor, coefficients: Sequence[Tensor], weights: Sequence[Tensor],
-    surprise: Sequence[Tensor], anchor: Sequence[Tensor], activation: str,
+    surprise: Sequence[Tensor], anchor: Sequence[Tensor], activation: str, clip: float = 0.0,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
     L = len(weights)
-    out = _FusedChunkStep.apply(activation, L, q, k, v, *coefficients, *weights, *surprise, *anchor)
+    out = _FusedChunkStep.apply(activation, L, clip, q, k, v, *coefficients, *weights, *surprise, *anchor)
     return out[0], list(out[1 : 1 + L]), list(out[1 + L :])
 
 
@@ -360,10 +368,11 @@ def _fused_chunk_step(
     anchor: Sequence[Tensor],
     activation: str,
     read: str,
+    clip: float = 0.0,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """`_chunk_step` with the hand-written backward of `_FusedChunkStep`; same inputs and results."""
     coefficients = _step_coefficients(alpha, eta, theta, read)
-    return _apply_fused(q, k, v, coefficients, weights, surprise, anchor, activation)
+    return _apply_fused(q, k, v, coefficients, weights, surprise, anchor, activation, clip)
 
 
 # --- end fused chunk step ---
@@ -382,6 +391,7 @@ def chunk_memory_update(
     activation: str = "silu",
     read: str = "inclusive",
     fused: bool = True,
+    clip: float = 0.0,
 ) -> tuple[Tensor, MemoryState]:
     """Chunked memory write + per-token reads; same signature and result as `recurrent_memory_update`.
 
@@ -398,11 +408,12 @@ def chunk_memory_update(
         read: "inclusive" or "strict".
         fused: use `_FusedChunkStep` (hand-written backward, coefficients of all full chunks in one batched
             call) instead of autograd through `_chunk_step`; same results.
+        clip: c > 0 clamps each token's output error to [−c, c] (Huber inner loss, mlp.py); 0: Eq. 12 as written.
     Returns:
         y `[B, H, T, D]` and the state after the last token.
     """
     if fused:
-        return _fused_memory_update(q, k, v, alpha, eta, theta, state, chunk_size, activation, read)
+        return _fused_memory_update(q, k, v, alpha, eta, theta, state, chunk_size, activation, read, clip)
     T = q.shape[2]
     weights, surprise, anchor = list(state.weights), list(state.surprise), list(state.anchor)
     pos = state.position
@@ -415,7 +426,7 @@ def chunk_memory_update(
         sl = slice(start, start + n)
         y, weights, surprise = _chunk_step(
             q[:, :, sl], k[:, :, sl], v[:, :, sl], alpha[:, :, sl], eta[:, :, sl], theta[:, :, sl],
-            weights, surprise, anchor, activation, read,
+            weights, surprise, anchor, activation, read, clip,
         )  # fmt: skip
         outs.append(y)
         start += n
@@ -428,7 +439,7 @@ def chunk_memory_update(
 
 def _fused_memory_update(
     q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, state: MemoryState,
-    chunk_size: int, activation: str, read: str,
+    chunk_size: int, activation: str, read: str, clip: float = 0.0,
 ) -> tuple[Tensor, MemoryState]:  # fmt: skip
     """The chunk loop of `chunk_memory_update` over `_FusedChunkStep`.
 
@@ -461,7 +472,7 @@ def _fused_memory_update(
         if pos % chunk_size == 0:
             anchor = weights
         c = coefs[i] if coefs[i] is not None else _step_coefficients(als[i], ets[i], ths[i], read)
-        y, weights, surprise = _apply_fused(qs[i], ks[i], vs[i], c, weights, surprise, anchor, activation)
+        y, weights, surprise = _apply_fused(qs[i], ks[i], vs[i], c, weights, surprise, anchor, activation, clip)
         outs.append(y)
         pos += n
     if pos % chunk_size == 0:

@@ -1,7 +1,10 @@
 """The memory network M as a function of its weights: forward pass and closed-form inner-loss gradients.
 
 M(k) = σ(…σ(k W_1)…) W_L, no biases (spec §2.4, A4); L_M = 1 is the matrix memory M(k) = k W.
-Inner loss ℓ = ½‖M(k) − v‖² summed over features (Eq. 12 with the ½ of Appendix C, A16).
+Inner loss ℓ = ½‖M(k) − v‖² summed over features (Eq. 12 with the ½ of Appendix C, A16). With an inner clip c > 0
+it is the elementwise Huber loss Σ_d huber_c(M(k)_d − v_d) instead, whose gradient w.r.t. the prediction is the error
+clamped to [−c, c] (spec §11, "optional inner-gradient clamp"): it bounds every token's write, so a chunk's summed
+mini-batch step cannot grow the memory without bound when many keys in a chunk coincide.
 Every per-token gradient of a linear layer is a rank-1 product a_{l−1}ᵀ δ_l (spec §2.2); this file returns the
 activations a and errors δ, from which both the chunk-end state and the dual-form reads are built.
 
@@ -55,13 +58,14 @@ def mlp_forward(weights: Sequence[Tensor], x: Tensor, activation: str) -> Tensor
 
 
 def mlp_inner_grad_factors(
-    weights: Sequence[Tensor], k: Tensor, v: Tensor, activation: str
+    weights: Sequence[Tensor], k: Tensor, v: Tensor, activation: str, clip: float = 0.0
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per-token factors of ∇_{W_l} ½‖M(k) − v‖² = a_{l−1}ᵀ δ_l, by hand (no autograd inside).
 
     Args:
         weights: L tensors `[..., d_{l-1}, d_l]`.
         k, v: `[..., n, d_0]` keys and `[..., n, d_L]` values.
+        clip: c > 0 clamps the output error δ_L to [−c, c] (the Huber loss's gradient); 0 disables it.
     Returns:
         (inputs, errors): `inputs[l]` is a_{l} `[..., n, d_l]` (a_0 = k), `errors[l]` is δ_{l+1}
         `[..., n, d_{l+1}]`, so the gradient of layer l (0-based) for token j is `inputs[l][j]ᵀ errors[l][j]`.
@@ -79,6 +83,8 @@ def mlp_inner_grad_factors(
         else:
             h = z
     err = h - v  # ∂ℓ/∂z_L for ½‖z_L − v‖²
+    if clip > 0:
+        err = err.clamp(-clip, clip)  # ∂ℓ/∂z_L for the Huber loss with threshold c
     errors = [err]
     for l in range(len(weights) - 1, 0, -1):
         err = (err @ weights[l].transpose(-1, -2)) * act_grad(pre[l - 1])

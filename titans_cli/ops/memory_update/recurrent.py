@@ -19,6 +19,15 @@ from titans_cli.ops.memory_update.mlp import mlp_forward
 from titans_cli.ops.memory_update.state import MemoryState
 
 
+def _inner_loss(err: Tensor, clip: float) -> Tensor:
+    """½‖e‖² (Eq. 12), or Σ_d huber_c(e_d) = ½e² for |e| ≤ c, c(|e| − ½c) beyond, written out here on purpose so that
+    the oracle does not share the clamp of the fast path (mlp.py)."""
+    if clip <= 0:
+        return 0.5 * err.pow(2).sum()
+    small = err.abs() <= clip
+    return torch.where(small, 0.5 * err.pow(2), clip * (err.abs() - 0.5 * clip)).sum()
+
+
 def recurrent_memory_update(
     q: Tensor,
     k: Tensor,
@@ -31,6 +40,7 @@ def recurrent_memory_update(
     chunk_size: int = 1,
     activation: str = "silu",
     read: str = "inclusive",
+    clip: float = 0.0,
 ) -> tuple[Tensor, MemoryState]:
     """Write k→v into the memory token by token and read it with q.
 
@@ -41,6 +51,7 @@ def recurrent_memory_update(
         chunk_size: b, the gradient-point refresh interval (1 = exact per-token rule).
         activation: hidden activation of the memory MLP.
         read: "inclusive" (y_t = M_t(q_t)) or "strict" (y_t = M_{t−1}(q_t)).
+        clip: c > 0 replaces the inner loss by the elementwise Huber loss with threshold c (mlp.py); 0: Eq. 12.
     Returns:
         y `[B, H, T, D]` and the state after the last token.
     """
@@ -57,7 +68,7 @@ def recurrent_memory_update(
         with torch.enable_grad():
             leaves = [a if (outer and a.requires_grad) else a.detach().requires_grad_() for a in anchor]
             pred = mlp_forward(leaves, k[:, :, t : t + 1], activation)
-            loss = 0.5 * (pred - v[:, :, t : t + 1]).pow(2).sum()
+            loss = _inner_loss(pred - v[:, :, t : t + 1], clip)
             grads = torch.autograd.grad(loss, leaves, create_graph=outer and loss.requires_grad)
         a_t = alpha[:, :, t, None, None]
         e_t = eta[:, :, t, None, None]

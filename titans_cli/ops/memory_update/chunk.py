@@ -335,7 +335,8 @@ class _FusedChunkStep(torch.autograd.Function):
                 gx = _mm(gx, gp[l], _t(anchor[l]))
         need = ctx.needs_input_grad
         grads_state = [g if need[14 + i] else None for i, g in enumerate([*gw, *gs, *ganc])]
-        return (None, None, None, gq, gx, gv, g_rbeta, g_rgamma, g_rc, gb_end, gg_end, ge_end, gc_end, g_tp, *grads_state)
+        coefficient_grads = (g_rbeta, g_rgamma, g_rc, gb_end, gg_end, ge_end, gc_end, g_tp)
+        return (None, None, None, gq, gx, gv, *coefficient_grads, *grads_state)
 
 
 def _step_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, read: str) -> list[Tensor]:

@@ -1,12 +1,13 @@
 """Benchmark: forward+backward tokens/s and peak memory of the memory layer per update path, one JSON line each.
 
-Compares the Triton kernel (`kernel="triton"`), the torch closed form (`kernel="torch"`) and, when the `bench`
-extra is installed, titans-pytorch's `NeuralMemory`, all as a whole memory layer (projections included) at the
-same configuration. Default (CUDA): issue 5's configuration, batch 4, dim 512, 8 heads × 64, chunk 64, depth 2,
-bf16 autocast, sequence 4k/16k/64k.
+Compares the Triton kernels (`kernel="triton"`: forward and backward kernels), the torch closed form
+(`kernel="torch"`) and, when the `bench` extra is installed, titans-pytorch's `NeuralMemory`, all as a whole memory
+layer (projections included) at the same configuration. Default (CUDA): issue 5's configuration, batch 4, dim 512,
+8 heads × 64, chunk 64, depth 2, bf16 autocast, sequence 4k/16k/64k.
 
     python bench/kernel.py                     # CUDA, the issue's configuration
     python bench/kernel.py --tiny              # CPU: Triton's interpreter at a tiny size, so this cannot rot
+                                               # (the forward and backward kernels both run)
 """
 
 from __future__ import annotations

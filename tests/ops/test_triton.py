@@ -21,6 +21,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the Triton kernel needs the `triton` extra: pip install -e '.[triton]'")
 
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
 from tests.assertions import assert_close, rel_rms  # noqa: E402
 from titans_cli.errors import UsageError  # noqa: E402
 from titans_cli.ops.memory_update import MemoryState, chunk_memory_update, memory_update  # noqa: E402
@@ -193,6 +195,39 @@ def test_16bit_input_gradients_match_torch_path(monkeypatch: pytest.MonkeyPatch,
         assert o.dtype == (dtype if name in ("q", "k", "v") else torch.float32)
         tol = TOL_QKV_16BIT[dtype] if name in ("q", "k", "v") else TOL_GRAD.get(name, TOL_GRAD["state"])
         assert_close(f"d{name} ({dtype})", r, o, tol)
+
+
+class _SharedMemoryLimit:
+    """Stands in for a kernel on a GPU whose shared memory fits only tiles ≤ `fits`: a larger tile raises
+    `OutOfResources` at launch, as Triton does when it loads such a kernel (before anything runs)."""
+
+    def __init__(self, kernel, tile_name: str, fits: int) -> None:
+        self.kernel, self.tile_name, self.fits, self.tried = kernel, tile_name, fits, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            tile = kwargs[self.tile_name]
+            self.tried.append(tile)
+            if tile > self.fits:
+                raise OutOfResources(tile * 4096, self.fits * 4096, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize(("depth", "tile_name"), [(1, "BV"), (2, "BF")])
+def test_tiles_shrink_until_the_kernel_fits_shared_memory(monkeypatch: pytest.MonkeyPatch, depth, tile_name) -> None:
+    # D = 64 (depth 1) and hidden 64 (depth 2): the kernels first try 64-wide tiles.
+    xs, state = _case(1, 1, 9, 64 if depth == 1 else 16, depth, 4, 2, hidden=64)
+    ref = _gradients(triton_memory_update, xs, state, torch.float32, 4)
+    names = [f"_d{depth}_fwd_kernel", f"_d{depth}_bwd_kernel"]
+    limited = [_SharedMemoryLimit(getattr(kernel_module, name), tile_name, fits=16) for name in names]
+    for name, fake in zip(names, limited, strict=True):
+        monkeypatch.setattr(kernel_module, name, fake)
+    got = _gradients(triton_memory_update, xs, state, torch.float32, 4)
+    assert [fake.tried for fake in limited] == [[64, 32, 16], [64, 32, 16]]
+    for name, r, o in zip(_grad_names(state), ref, got, strict=True):
+        assert_close(f"d{name} (16-wide tiles)", r, o, 1e-6)
 
 
 def test_bfloat16_inputs_accumulate_in_float32() -> None:

@@ -25,12 +25,14 @@ BT/BD/BF/BV power-of-two tiles of b, D, F and value columns.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from titans_cli.ops.memory_update.chunk import chunk_coefficients, chunk_memory_update
 from titans_cli.ops.memory_update.state import MemoryState
@@ -517,8 +519,6 @@ def _d2_chunk_bwd(c, a1, a2, w1, w2, s1, s2, dw1, dw2, ds1, ds2, t1, t2, dao2, d
     qk = r_c * qk_raw
     gm2 = -tl.dot(GY, tl.trans(e2), input_precision=PREC)  # ∂/∂(C̃ ⊙ H1 Xᵀ) of the layer-2 read, before ⊙ C̃
     gm2c = gm2 * r_c
-    gyb = r_beta[:, None] * GY
-    gyg = r_gamma[:, None] * GY
     ha2 = tl.zeros((BT, BT), dtype=tl.float32)  # H1 Xᵀ
     g1 = tl.zeros((BT, BT), dtype=tl.float32)  # ∂/∂(C̃ ⊙ Q Kᵀ) of the layer-1 read, before ⊙ C̃
     gQ = tl.zeros((BT, BD), dtype=tl.float32)
@@ -561,8 +561,9 @@ def _d2_chunk_bwd(c, a1, a2, w1, w2, s1, s2, dw1, dw2, ds1, ds2, t1, t2, dao2, d
         gh1 = r_beta[:, None] * gyw2 + r_gamma[:, None] * gys2 + tl.dot(gm2c, x, input_precision=PREC)
         gx = tl.dot(tl.trans(gm2c), h1, input_precision=PREC)
         # Chunk end of layer 2: W2' = β_n W2 + γ_n S2 − Xᵀ (C_n ⊙ E2), S2' = E_n S2 − Xᵀ (θP ⊙ E2).
-        gx -= tl.dot(c_end[:, None] * e2, tl.trans(R2), input_precision=PREC)
-        gx -= tl.dot(tp_end[:, None] * e2, tl.trans(Q2), input_precision=PREC)
+        # (Row scalings go on the products, so that the loop-invariant e2 is the only shared-memory operand.)
+        gx -= c_end[:, None] * tl.dot(e2, tl.trans(R2), input_precision=PREC)
+        gx -= tp_end[:, None] * tl.dot(e2, tl.trans(Q2), input_precision=PREC)
         xr2 += tl.dot(x, R2, input_precision=PREC)
         xq2 += tl.dot(x, Q2, input_precision=PREC)
         # Layer-1 read.
@@ -578,8 +579,8 @@ def _d2_chunk_bwd(c, a1, a2, w1, w2, s1, s2, dw1, dw2, ds1, ds2, t1, t2, dao2, d
         kq1 = tl.dot(K, Q1, input_precision=PREC)
         g_ce -= tl.sum(e1 * kr1, axis=1)
         g_tp -= tl.sum(e1 * kq1, axis=1)
-        gK -= tl.dot(c_end[:, None] * e1, tl.trans(R1), input_precision=PREC)
-        gK -= tl.dot(tp_end[:, None] * e1, tl.trans(Q1), input_precision=PREC)
+        gK -= c_end[:, None] * tl.dot(e1, tl.trans(R1), input_precision=PREC)
+        gK -= tp_end[:, None] * tl.dot(e1, tl.trans(Q1), input_precision=PREC)
         ge1 = -c_end[:, None] * kr1 - tp_end[:, None] * kq1 - tl.dot(tl.trans(qk), gz1, input_precision=PREC)
         # Hidden error E1 = (E2 A2ᵀ) ⊙ σ'(P): σ'' enters here.
         gt1 = ge1 * sp
@@ -591,8 +592,8 @@ def _d2_chunk_bwd(c, a1, a2, w1, w2, s1, s2, dw1, dw2, ds1, ds2, t1, t2, dao2, d
         g_ee += tl.sum(S1 * Q1, axis=1) + tl.sum(S2 * Q2, axis=0)
         nW1 = beta_n * R1 + tl.dot(tl.trans(Q), gzb, input_precision=PREC)
         nS1 = gamma_n * R1 + e_n * Q1 + tl.dot(tl.trans(Q), gzg, input_precision=PREC)
-        nW2 = beta_n * R2 + tl.dot(tl.trans(h1), gyb, input_precision=PREC)
-        nS2 = gamma_n * R2 + e_n * Q2 + tl.dot(tl.trans(h1), gyg, input_precision=PREC)
+        nW2 = beta_n * R2 + tl.dot(tl.trans(r_beta[:, None] * h1), GY, input_precision=PREC)
+        nS2 = gamma_n * R2 + e_n * Q2 + tl.dot(tl.trans(r_gamma[:, None] * h1), GY, input_precision=PREC)
         if HAS_ANCHOR:
             if c == 0:  # chunk 0 of a call that starts mid-chunk: the gradient point is the incoming anchor
                 tl.store(dao2 + i2, ga2, mask=m2)
@@ -828,18 +829,25 @@ class _TritonMemoryUpdate(torch.autograd.Function):
         ck_s = [t.new_empty(B * H, NS if save else 1, *t.shape[1:]) for t in w]
         common = dict(BT=_tile(b), BD=_tile(D), HAS_ANCHOR=R != 0, SAVE=save, CLIP=spec.clip > 0, PREC=_precision(q))
         if L == 1:
-            BV = min(_tile(D), _VALUE_TILE)
-            _d1_fwd_kernel[(B * H, triton.cdiv(D, BV))](
-                qf, kf, vf, y, *coefs, w[0], s[0], a0[0], ck_w[0], ck_s[0], a_out[0], T, R, b, D, NC, G, spec.clip,
-                BV=BV, **common,
-            )  # fmt: skip
+
+            def launch(BV: int) -> None:
+                _d1_fwd_kernel[(B * H, triton.cdiv(D, BV))](
+                    qf, kf, vf, y, *coefs, w[0], s[0], a0[0], ck_w[0], ck_s[0], a_out[0], T, R, b, D, NC, G,
+                    spec.clip, BV=BV, **common,
+                )  # fmt: skip
+
+            _launch_fitting(launch, min(_tile(D), _VALUE_TILE))
         else:
             F = w[0].shape[-1]
-            _d2_fwd_kernel[(B * H,)](
-                qf, kf, vf, y, *coefs, w[0], w[1], s[0], s[1], a0[0], a0[1],
-                ck_w[0], ck_w[1], ck_s[0], ck_s[1], a_out[0], a_out[1], T, R, b, D, F, NC, G, spec.clip,
-                BF=min(_tile(F), _HIDDEN_TILE), ACT=_ACTIVATION_IDS[spec.activation], **common,
-            )  # fmt: skip
+
+            def launch(BF: int) -> None:
+                _d2_fwd_kernel[(B * H,)](
+                    qf, kf, vf, y, *coefs, w[0], w[1], s[0], s[1], a0[0], a0[1],
+                    ck_w[0], ck_w[1], ck_s[0], ck_s[1], a_out[0], a_out[1], T, R, b, D, F, NC, G, spec.clip,
+                    BF=BF, ACT=_ACTIVATION_IDS[spec.activation], **common,
+                )  # fmt: skip
+
+            _launch_fitting(launch, min(_tile(F), _HIDDEN_TILE))
         ctx.spec, ctx.segment_chunks, ctx.dtypes = spec, G, [t.dtype for t in state]
         if save:
             ctx.save_for_backward(q, k, v, alpha, eta, theta, *state, *ck_w, *ck_s)
@@ -866,8 +874,30 @@ class _TritonMemoryUpdate(torch.autograd.Function):
 
 
 def _precision(q: Tensor) -> str:
-    """`tl.dot` precision: fp32 inputs keep fp32 products on tensor cores; 16-bit inputs use tf32."""
+    """`tl.dot` precision: float32 inputs get exact float32 products (FMA, no tensor cores); 16-bit inputs tf32
+    tensor cores."""
     return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _launch_fitting(launch: Callable[[int], None], largest: int) -> int:
+    """Call `launch(tile)` with the largest power-of-two tile ≤ `largest` (down to 16) whose compiled kernel fits
+    the device's shared memory; returns that tile.
+
+    Triton raises `OutOfResources` when it loads a kernel that needs more shared memory than the device has, before
+    anything runs, so a smaller tile can simply be tried next. It matters on Hopper, where `tl.dot` keeps operands
+    in shared memory: compiled for sm_90 (Triton 3.9, b = D = 64, bf16 inputs), the depth-2 backward needs 400 KB at
+    a 64-unit hidden tile, 248 KB at 32 and 172 KB at 16 (the H100 allows 227 KB per program), the depth-1 backward
+    242 KB at 64 value columns and 170 KB at 32; the forward kernels fit at 64 (144 KB and 105 KB).
+    """
+    tile = largest
+    while True:
+        try:
+            launch(tile)
+            return tile
+        except OutOfResources:
+            if tile <= 16:
+                raise
+            tile //= 2
 
 
 def _triton_backward(ctx, dy: Tensor | None, d_state: tuple[Tensor | None, ...]) -> tuple[list, list]:
@@ -898,30 +928,44 @@ def _triton_backward(ctx, dy: Tensor | None, d_state: tuple[Tensor | None, ...])
     da = [_flat_or_zeros(g, w) for g, w in zip(d_anchor_out, w_in, strict=True)]
     dao = [torch.zeros_like(w) for w in w_in]  # gradient of the incoming anchor (used when R ≠ 0)
     slots = [w.new_empty(BH, G, *w.shape[1:]) for w in w_in + w_in]  # chunk-start W, S of one segment
-    BV = min(_tile(D), _VALUE_TILE) if L == 1 else D
-    NVT = triton.cdiv(D, BV)  # depth 1: value tiles each add their share of dq, dk and the coefficient grads
-    parts = [torch.zeros(NVT, *c.shape, dtype=torch.float32, device=q.device) for c in coefs]
-    dq, dk = (torch.zeros(NVT, BH, T, D, dtype=torch.float32, device=q.device) for _ in range(2))
     dv = torch.zeros(BH, T, D, dtype=torch.float32, device=q.device)
     common = dict(BT=_tile(b), BD=_tile(D), HAS_ANCHOR=R != 0, HAS_DA=has_da, CLIP=spec.clip > 0, PREC=_precision(q))
     coef_in = [c.detach() for c in coefs]
+    sums: dict[str, list[Tensor]] = {}  # partial sums per value tile (depth 1) of dq, dk and the coefficient grads
+
+    def partial_sums(NVT: int) -> dict[str, list[Tensor]]:
+        sums["parts"] = [torch.zeros(NVT, *c.shape, dtype=torch.float32, device=q.device) for c in coefs]
+        sums["dq_dk"] = [torch.zeros(NVT, BH, T, D, dtype=torch.float32, device=q.device) for _ in range(2)]
+        return sums
+
     if L == 1:
-        _d1_bwd_kernel[(BH, NVT)](
-            qf, kf, vf, dyf, *coef_in, ck_w[0], ck_s[0], a0[0], dw[0], ds[0], da[0], slots[0], slots[1],
-            dq, dk, dv, *parts, dao[0], T, R, b, D, NC, G, spec.clip, BV=BV, **common,
-        )  # fmt: skip
+
+        def launch(BV: int) -> None:
+            NVT = triton.cdiv(D, BV)
+            p = partial_sums(NVT)
+            _d1_bwd_kernel[(BH, NVT)](
+                qf, kf, vf, dyf, *coef_in, ck_w[0], ck_s[0], a0[0], dw[0], ds[0], da[0], slots[0], slots[1],
+                *p["dq_dk"], dv, *p["parts"], dao[0], T, R, b, D, NC, G, spec.clip, BV=BV, **common,
+            )  # fmt: skip
+
+        _launch_fitting(launch, min(_tile(D), _VALUE_TILE))
     else:
         F = w_in[0].shape[-1]
         scratch = [torch.empty(BH, b, F, dtype=torch.float32, device=q.device) for _ in range(2)]
-        _d2_bwd_kernel[(BH,)](
-            qf, kf, vf, dyf, *coef_in, ck_w[0], ck_w[1], ck_s[0], ck_s[1], a0[0], a0[1], dw[0], dw[1],
-            ds[0], ds[1], da[0], da[1], *slots, *scratch,
-            dq, dk, dv, *parts, dao[0], dao[1], T, R, b, D, F, NC, G, spec.clip,
-            BF=min(_tile(F), _HIDDEN_TILE), ACT=_ACTIVATION_IDS[spec.activation], **common,
-        )  # fmt: skip
+
+        def launch(BF: int) -> None:
+            p = partial_sums(1)
+            _d2_bwd_kernel[(BH,)](
+                qf, kf, vf, dyf, *coef_in, ck_w[0], ck_w[1], ck_s[0], ck_s[1], a0[0], a0[1], dw[0], dw[1],
+                ds[0], ds[1], da[0], da[1], *slots, *scratch, *p["dq_dk"], dv, *p["parts"], dao[0], dao[1],
+                T, R, b, D, F, NC, G, spec.clip, BF=BF, ACT=_ACTIVATION_IDS[spec.activation], **common,
+            )  # fmt: skip
+
+        _launch_fitting(launch, min(_tile(F), _HIDDEN_TILE))
+    dq, dk = sums["dq_dk"]
     d_gates: list[Tensor | None] = [None] * 3
     if need_gates:
-        d_coefs = [p.sum(0) for p in parts]
+        d_coefs = [p.sum(0) for p in sums["parts"]]
         d_gates = list(torch.autograd.grad(coefs, gates, d_coefs, allow_unused=True))
     shape = q.shape
     grads = [dq.sum(0).view(shape), dk.sum(0).view(shape), dv.view(shape)]

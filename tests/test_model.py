@@ -9,6 +9,13 @@ from titans_cli.config import ModelConfig
 from titans_cli.model import Titans
 
 VARIANTS = ["lmm", "mac", "mag", "mal", "attn"]
+# Every variant, plus the alternative readings of ⊗ (memory_residual) and of MAC's write (mac_write).
+READINGS = [(v, {}) for v in VARIANTS] + [
+    ("mag", {"memory_residual": True}),
+    ("mac", {"memory_residual": True, "mac_write": "residual"}),
+    ("mac", {"mac_write": "residual"}),
+]
+READING_IDS = [v + "".join(f"-{k}={w}" for k, w in kw.items()) for v, kw in READINGS]
 
 
 def _model(variant: str, **kw) -> Titans:
@@ -18,9 +25,9 @@ def _model(variant: str, **kw) -> Titans:
     return Titans(cfg).double()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_outputs_up_to_t_do_not_depend_on_later_tokens(variant):
-    model = _model(variant)
+@pytest.mark.parametrize(("variant", "kw"), READINGS, ids=READING_IDS)
+def test_outputs_up_to_t_do_not_depend_on_later_tokens(variant, kw):
+    model = _model(variant, **kw)
     x = torch.randn(2, 23, 16, dtype=torch.float64)
     y, _ = model(x)
     for t in (0, 7, 15):
@@ -31,9 +38,9 @@ def test_outputs_up_to_t_do_not_depend_on_later_tokens(variant):
         assert (y2[:, t + 1 :] - y[:, t + 1 :]).abs().max() > 1e-6  # later outputs do see the change
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_streaming_in_pieces_equals_one_call(variant):
-    model = _model(variant)
+@pytest.mark.parametrize(("variant", "kw"), READINGS, ids=READING_IDS)
+def test_streaming_in_pieces_equals_one_call(variant, kw):
+    model = _model(variant, **kw)
     x = torch.randn(2, 31, 16, dtype=torch.float64)
     y_full, _ = model(x)
     ys, state = [], None
@@ -52,9 +59,9 @@ def test_predictions_do_not_depend_on_batch_composition(variant):
     torch.testing.assert_close(y[1:2], y1, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_every_parameter_receives_a_gradient(variant):
-    model = _model(variant).float()
+@pytest.mark.parametrize(("variant", "kw"), READINGS, ids=READING_IDS)
+def test_every_parameter_receives_a_gradient(variant, kw):
+    model = _model(variant, **kw).float()
     y, _ = model(torch.randn(2, 14, 16))
     y.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]

@@ -258,7 +258,11 @@ class MALBlock(Block):
 
 
 class MAGBlock(Block):
-    """Memory as a Gate (§4.2, Eqs. 26-28): o = RMSNorm(SWA*(x̃)) ⊙ σ(RMSNorm(M(x̃))) (A10)."""
+    """Memory as a Gate (§4.2, Eqs. 26-28): o = RMSNorm(SWA*(x̃)) ⊙ σ(RMSNorm(M(x̃))) (A10).
+
+    With `memory_residual` the memory output is also added as its own residual branch, o = W(…⊙…) + M(x̃): through
+    the gate alone the memory reaches the stream only via a sigmoid after a per-token norm, and recall barely learns.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
@@ -268,7 +272,8 @@ class MAGBlock(Block):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def _gate(self, y: Tensor, m: Tensor) -> Tensor:
-        return self.proj(self.y_norm(y) * torch.sigmoid(self.m_norm(m)))
+        o = self.proj(self.y_norm(y) * torch.sigmoid(self.m_norm(m)))
+        return o + m if self.cfg.memory_residual else o
 
     def start(self, prefix: Tensor, batch: int) -> tuple[Tensor, LayerState]:
         h = self.norm(prefix)
@@ -287,7 +292,8 @@ class MACBlock(Block):
 
     h = M*_{t−1}(q(x̂)) (Eq. 21); y = Attn([P | h | x̂]) causal in the segment (Eqs. 22-23); write y into the
     memory and read it per token with the inclusive state (Eq. 24 and the causal reading A7 of Eq. 25);
-    o = y ⊙ σ(RMSNorm(m)) (⊗ as a gate, as in MAG).
+    o = y ⊙ σ(RMSNorm(m)) (⊗ as a gate, as in MAG). `mac_write="residual"` writes and reads RMSNorm(x̂ + y)
+    instead of y; `memory_residual` adds m to o (see MAGBlock).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -297,6 +303,7 @@ class MACBlock(Block):
         self.m_norm = nn.RMSNorm(cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
+        self.write_norm = nn.RMSNorm(cfg.dim) if cfg.mac_write == "residual" else None
     def start(self, prefix: Tensor, batch: int) -> tuple[Tensor, LayerState]:
         # The persistent tokens only form the attention prefix of every segment (Eq. 22); they are not written.
         y, cache = self.attn.start(self.norm(prefix))
@@ -322,8 +329,10 @@ class MACBlock(Block):
             seg_state = MemoryState(state.segment_weights, (), (), 0)
             h, state.read_tail = self.memory.retrieve(xs, seg_state, state.read_tail)
             y, state.attn, state.retrieved = self.attn.segment(xs, h, state.attn, state.retrieved)
-            m, state.memory = self.memory(y, state.memory)
-            outs.append(self.proj(y * torch.sigmoid(self.m_norm(m))))
+            w = y if self.write_norm is None else self.write_norm(xs + y)
+            m, state.memory = self.memory(w, state.memory)
+            o = self.proj(y * torch.sigmoid(self.m_norm(m)))
+            outs.append(o + m if self.cfg.memory_residual else o)
             start += n
         return torch.cat(outs, dim=1), state
 

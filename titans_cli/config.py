@@ -44,7 +44,7 @@ class ModelConfig:
     segment_len: int = 64  # C: MAC segment length (Eqs. 21-25)
     n_persistent: int = 4  # N_p persistent memory tokens (Eq. 19)
     # MAC/MAG ⊗ (Eqs. 25, 28; A10): False = the gate alone, o = W(y ⊙ σ(RMSNorm(M))); True = the gate plus the
-    # memory output as its own residual branch, o = W(y ⊙ σ(RMSNorm(M))) + M (recall learns far faster)
+    # memory output as its own residual branch, o = W(y ⊙ σ(RMSNorm(M))) + M (exploratory; see the commit log)
     memory_residual: bool = False
     # MAC Eq. 24 (A8): what the memory writes and reads: "attn" = the attention output y; "residual" =
     # RMSNorm(x + y), the residual stream after the attention sub-layer (keeps the token itself in the key)

@@ -44,6 +44,11 @@ needs_interpreter_or_cuda = pytest.mark.skipif(
     reason="TRITON_INTERPRET was not set before triton.py was imported and there is no GPU",
 )
 pytestmark = needs_interpreter_or_cuda
+# Tests on CPU tensors need the interpreter, which this module switches on only where there is no GPU; on a CUDA
+# machine the `gpu`-marked tests run instead.
+in_interpreter = pytest.mark.skipif(
+    not kernel_module.INTERPRET, reason="CPU tensors run only in Triton's interpreter, which is off on a CUDA machine"
+)
 
 
 def _case(
@@ -85,6 +90,7 @@ def _cast_state(state: MemoryState, dtype: torch.dtype, leaves: bool) -> tuple[M
     return MemoryState(*parts, position=state.position), tensors
 
 
+@in_interpreter
 @pytest.mark.parametrize(
     ("depth", "H", "T", "D", "b", "position", "read", "activation", "clip"),
     [
@@ -139,6 +145,7 @@ def _grad_names(state: MemoryState) -> list[str]:
     return ["q", "k", "v", *GATES] + [name for name, _ in _state_tensors(state)]
 
 
+@in_interpreter
 @pytest.mark.parametrize(
     ("depth", "H", "T", "D", "b", "position", "read", "activation", "clip"),
     [
@@ -173,6 +180,7 @@ def test_every_gradient_matches_torch_path(
             assert_close(f"d{name} ({backward} backward)", r, o, TOL_GRAD.get(name, TOL_GRAD["state"]))
 
 
+@in_interpreter
 def test_clip_binds_in_the_gradient_cases() -> None:
     # The clamp cases above must exercise the clamp: with c = 0.3 the gradients differ from the unclamped ones.
     xs, state = _case(2, 1, 13, 16, 2, 5, 3)
@@ -181,6 +189,7 @@ def test_clip_binds_in_the_gradient_cases() -> None:
     assert rel_rms(without[1], with_clip[1]) > 0.1 and rel_rms(without[2], with_clip[2]) > 0.1
 
 
+@in_interpreter
 @pytest.mark.parametrize(("depth", "dtype"), [(1, torch.bfloat16), (2, torch.bfloat16), (2, torch.float16)])
 def test_16bit_input_gradients_match_torch_path(monkeypatch: pytest.MonkeyPatch, depth, dtype) -> None:
     monkeypatch.setattr(kernel_module, "_SEGMENT_TOKENS", 8)
@@ -215,6 +224,7 @@ class _SharedMemoryLimit:
         return launch
 
 
+@in_interpreter
 @pytest.mark.parametrize(("depth", "tile_name"), [(1, "BV"), (2, "BF")])
 def test_tiles_shrink_until_the_kernel_fits_shared_memory(monkeypatch: pytest.MonkeyPatch, depth, tile_name) -> None:
     # D = 64 (depth 1) and hidden 64 (depth 2): the kernels first try 64-wide tiles.
@@ -230,6 +240,7 @@ def test_tiles_shrink_until_the_kernel_fits_shared_memory(monkeypatch: pytest.Mo
         assert_close(f"d{name} (16-wide tiles)", r, o, 1e-6)
 
 
+@in_interpreter
 def test_bfloat16_inputs_accumulate_in_float32() -> None:
     xs, state = _case(2, 2, 13, 16, 2, 4, 3)
     xs = [x.bfloat16() if x.dim() == 4 else x for x in xs]  # q, k, v in bf16; gates stay float32
@@ -250,6 +261,7 @@ def test_bfloat16_inputs_accumulate_in_float32() -> None:
     assert torch.equal(y_autocast, y.detach())
 
 
+@in_interpreter
 def test_two_calls_with_carried_state_equal_one_call() -> None:
     xs, state = _case(1, 2, 13, 16, 2, 4, None)
     y_full, full = triton_memory_update(*xs, state, chunk_size=4)
@@ -260,6 +272,7 @@ def test_two_calls_with_carried_state_equal_one_call() -> None:
         assert_close(f"final {name}", a, b, 1e-6)
 
 
+@in_interpreter
 def test_neural_memory_layer_gradients_match_with_triton_kernel() -> None:
     # Through the layer: M_0 is one [H, ...] parameter expanded over the batch, and anchor is weights.
     from titans_cli.memory import NeuralMemory
@@ -278,6 +291,7 @@ def test_neural_memory_layer_gradients_match_with_triton_kernel() -> None:
         assert_close(f"d{name}", ref, grads["triton"][name], 1e-5)  # both float32; measured ≤ 1e-6
 
 
+@in_interpreter
 def test_memory_update_selects_triton_by_argument(monkeypatch: pytest.MonkeyPatch) -> None:
     xs, state = _case(1, 1, 5, 16, 2, 4, None)
     y_tri, _ = memory_update(*xs, state, chunk_size=4, kernel="triton")

@@ -4,7 +4,8 @@ Each configuration runs in its own subprocess so that peak RSS (ru_maxrss) belon
 Configuration (issue 2 §7): batch 4, dim 256, 4 heads x 64, chunk 64, memory depth 2 (hidden 256), float32,
 2 threads; sequence 1024, 4096, 16384. Compared in the same run: our chunked path (`torch`), the per-token
 reference (`naive`, short lengths only), titans-pytorch's `NeuralMemory` when installed (`pip install -e .[bench]`),
-and options bf16 autocast and torch.compile of the chunk step. Also inference-only streaming of 1M tokens.
+and options bf16 autocast, torch.compile of the chunk step and, at the longer lengths, activation checkpointing
+every `--checkpoint-chunks` chunks. Also inference-only streaming of 1M tokens.
 
     python bench/memory.py                      # the full table
     python bench/memory.py --quick              # 1024 only, fewer repeats
@@ -39,6 +40,7 @@ def _ours(cfg: dict):
     return NeuralMemory(
         cfg["dim"], cfg["heads"], depth=cfg["depth"], expansion=cfg["expansion"], chunk_size=cfg["chunk"],
         kernel=cfg["impl"] if cfg["impl"] in ("torch", "naive") else "torch",
+        checkpoint_chunks=cfg.get("checkpoint_chunks", 0),
     ), torch  # fmt: skip
 
 
@@ -137,6 +139,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-options", action="store_true", help="skip the bf16 and torch.compile rows")
+    ap.add_argument("--checkpoint-chunks", type=int, default=8,
+                    help="also run the longer lengths with activation checkpointing every N chunks (0: skip)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -163,6 +167,8 @@ def main() -> None:
                 configs.append(base | dict(impl="torch", seq=T, precision="bf16"))
                 configs.append(base | dict(impl="torch", seq=T, compile=True))
                 configs.append(base | dict(impl="torch", seq=T, precision="bf16", compile=True))
+            if args.checkpoint_chunks and T > seqs[0]:
+                configs.append(base | dict(impl="torch", seq=T, checkpoint_chunks=args.checkpoint_chunks))
         if "titans-pytorch" in only and have_tp and T <= 4096:
             configs.append(base | dict(impl="titans-pytorch", seq=T))
         if "naive" in only and T == seqs[0]:

@@ -57,6 +57,8 @@ class NeuralMemory(nn.Module):
         kernel: memory-update path, see `titans_cli.ops.memory_update.memory_update`.
         inner_clip: c > 0 clamps each token's inner error M(k) − v to [−c, c] (Huber inner loss, spec §11): a
             bound on every write that keeps the chunked update finite when a chunk's keys coincide; 0 disables it.
+        checkpoint_chunks: G > 0 recomputes the memory update in backward from every G-th chunk state instead of
+            keeping all its activations (torch path): flat training memory in the length, ~1/3 more compute.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class NeuralMemory(nn.Module):
         read: str = "inclusive",
         kernel: str = "torch",
         inner_clip: float = 0.0,
+        checkpoint_chunks: int = 0,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -79,6 +82,7 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.activation, self.chunk_size, self.theta_max = activation, chunk_size, theta_max
         self.read, self.kernel, self.inner_clip = read, kernel, inner_clip
+        self.checkpoint_chunks = checkpoint_chunks
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = CausalDepthwiseConv(3 * dim, conv_kernel)
         self.gates = nn.Linear(dim, 3 * heads)
@@ -138,7 +142,7 @@ class NeuralMemory(nn.Module):
         y, new = memory_update(
             q, k, v, alpha, eta, self.theta_max * theta, state,
             chunk_size=self.chunk_size, activation=self.activation, read=self.read, kernel=self.kernel,
-            clip=self.inner_clip,
+            clip=self.inner_clip, checkpoint_chunks=self.checkpoint_chunks,
         )  # fmt: skip
         return self._output(y.to(x.dtype), x), dataclasses.replace(new, conv=tail)
 

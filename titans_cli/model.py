@@ -155,6 +155,7 @@ def _memory(cfg: ModelConfig) -> NeuralMemory:
         cfg.dim, cfg.heads, depth=cfg.memory_depth, expansion=cfg.memory_expansion,
         activation=cfg.memory_activation, chunk_size=cfg.chunk_size, theta_max=cfg.theta_max,
         conv_kernel=cfg.conv_kernel, read=cfg.read, kernel=cfg.kernel, inner_clip=cfg.inner_clip,
+        checkpoint_chunks=cfg.checkpoint_chunks,
     )  # fmt: skip
 
 
@@ -302,8 +303,8 @@ class MACBlock(Block):
         self.attn = Attention(cfg.dim, cfg.heads, cfg.window)
         self.m_norm = nn.RMSNorm(cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-
         self.write_norm = nn.RMSNorm(cfg.dim) if cfg.mac_write == "residual" else None
+
     def start(self, prefix: Tensor, batch: int) -> tuple[Tensor, LayerState]:
         # The persistent tokens only form the attention prefix of every segment (Eq. 22); they are not written.
         y, cache = self.attn.start(self.norm(prefix))

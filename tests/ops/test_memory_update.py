@@ -191,3 +191,24 @@ def test_unknown_or_unavailable_kernel_is_a_clear_error():
     y_naive, _ = memory_update(q, k, v, alpha, eta, theta, state, chunk_size=2, kernel="naive")
     y_torch, _ = memory_update(q, k, v, alpha, eta, theta, state, chunk_size=2, kernel="torch")
     torch.testing.assert_close(y_naive, y_torch, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("position", [0, 3])
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(position):
+    """Recomputing groups of chunks in backward (checkpoint_chunks) changes memory use, never results: outputs,
+    final state and every gradient, from a fresh and from a mid-chunk state, with a partial last chunk."""
+    tensors = _inputs(T=23, depth=2, seed=8)
+    q, k, v, alpha, eta, theta, *init = tensors
+    start = MemoryState.initial(init, B)
+    if position:
+        _, start = chunk_memory_update(q[:, :, :position], k[:, :, :position], v[:, :, :position],
+                                       alpha[:, :, :position], eta[:, :, :position], theta[:, :, :position],
+                                       start, chunk_size=4)  # fmt: skip
+
+    def run(**kw):
+        y, end = chunk_memory_update(q, k, v, alpha, eta, theta, start, chunk_size=4, **kw)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum()
+        loss = loss + sum((w**2).sum() for w in end.weights) + sum((s**3).sum() for s in end.surprise)
+        return y, end, torch.autograd.grad(loss, tensors, retain_graph=True)  # the prefix graph is shared
+
+    _assert_same(run(), run(checkpoint_chunks=2), 1e-12)

@@ -33,8 +33,10 @@ def memory_update(
     read: str = "inclusive",
     kernel: str = "torch",
     clip: float = 0.0,
+    checkpoint_chunks: int = 0,
 ) -> tuple[Tensor, MemoryState]:
-    """Write k→v into the memory and read it with q; see `chunk_memory_update` for shapes and `clip`."""
+    """Write k→v into the memory and read it with q; see `chunk_memory_update` for shapes, `clip` and
+    `checkpoint_chunks` (the torch path's activation checkpointing; the other paths ignore it)."""
     if kernel not in KERNELS:
         raise UsageError(f"model.kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "naive":
@@ -51,7 +53,9 @@ def memory_update(
         else:
             fn = chunk_memory_update
         # --- end Triton selection ---
-    extra = {"clip": clip} if clip > 0 else {}
+    extra: dict[str, float | int] = {"clip": clip} if clip > 0 else {}
+    if fn is chunk_memory_update:
+        extra["checkpoint_chunks"] = checkpoint_chunks
     return fn(q, k, v, alpha, eta, theta, state, chunk_size=chunk_size, activation=activation, read=read, **extra)
 
 

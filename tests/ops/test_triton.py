@@ -343,3 +343,19 @@ def test_real_size_matches_torch_path_on_gpu(depth: int, dtype: torch.dtype) -> 
     names = ["q", "k", "v", *GATES] + [name for name, _ in _state_tensors(state)]
     for name, r, o in zip(names, ref, got, strict=True):
         assert_close(f"d{name}", r, o, tol)
+
+
+@in_interpreter
+def test_memory_update_selects_triton_with_the_inner_clip():
+    """`memory_update(kernel="triton", clip=c)` runs the kernels with the Huber clamp (no silent fallback): same reads
+    as the torch path, and different from the unclamped reads on inputs where the clamp bites."""
+    g = torch.Generator().manual_seed(11)
+    B, H, T, D = 1, 2, 11, 16
+    q, k = (F.normalize(torch.randn(B, H, T, D, generator=g), dim=-1) for _ in range(2))
+    v = torch.randn(B, H, T, D, generator=g)
+    alpha, eta, theta = (s * torch.rand(B, H, T, generator=g) for s in (0.1, 1.0, 1.0))
+    state = MemoryState.initial([torch.randn(H, D, D, generator=g) / 4], B)
+    run = partial(memory_update, q, k, v, alpha, eta, theta, state, chunk_size=4)
+    clipped = run(kernel="triton", clip=0.3)[0]
+    assert rel_rms(clipped, run(kernel="torch", clip=0.3)[0]) < 2e-6
+    assert rel_rms(clipped, run(kernel="torch")[0]) > 1e-2

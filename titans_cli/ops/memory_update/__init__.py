@@ -45,7 +45,7 @@ def memory_update(
         fn = chunk_memory_update
     else:
         # --- Triton selection (Engineer D, triton.py): imported lazily, the package runs without triton ---
-        reason = _triton_unsupported(q, state, chunk_size, activation, read, clip)
+        reason = _triton_unsupported(q, state, chunk_size, activation, read)
         if reason is None:
             from titans_cli.ops.memory_update.triton import triton_memory_update as fn
         elif kernel == "triton":
@@ -61,11 +61,9 @@ def memory_update(
 
 # --- Triton selection helper (Engineer D) ---
 def _triton_unsupported(
-    q: Tensor, state: MemoryState, chunk_size: int, activation: str, read: str, clip: float = 0.0
+    q: Tensor, state: MemoryState, chunk_size: int, activation: str, read: str
 ) -> str | None:
     """Why the Triton kernel cannot run these inputs (triton missing, no CUDA, shapes), or None when it can."""
-    if clip > 0:
-        return "the inner-gradient clamp (model.inner_clip > 0) has no Triton kernel yet"
     try:
         from titans_cli.ops.memory_update import triton as triton_kernel
     except ImportError as exc:

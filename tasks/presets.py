@@ -6,6 +6,7 @@ one-line docstring saying what it is for, and one `PRESETS` entry each; add your
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from tasks.recall import RecallConfig
@@ -133,7 +134,22 @@ def dna_cnn() -> RunConfig:
 
 
 def dna_tata() -> RunConfig:
-    """Titans (LMM) on GUE prom_300_tata within 20 CPU minutes: 2 layers of width 64, max pooling in 16 bins.
+    """Titans MAG on GUE prom_300_tata within 20 CPU minutes: 2 layers of width 64, window 32, max pooling in 16 bins.
+
+    MAG rather than the paper's LMM: the sliding window reads a promoter's short motifs (TATA box) directly, and on
+    the validation split it reached MCC 0.809 (epoch 5) where the LMM preset below plateaued at 0.71 and the CNN at
+    0.731. Linear memory (L_M = 1) as in `dna_tata_lmm`.
+    """
+    base = dna_tata_lmm()
+    return dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, variant="mag", window=32),
+        train=dataclasses.replace(base.train, epochs=8, patience=3),
+    )
+
+
+def dna_tata_lmm() -> RunConfig:
+    """Titans LMM (the paper's DNA model) on GUE prom_300_tata: 2 layers of width 64, max pooling in 16 bins.
 
     Linear memory (L_M = 1): with the MLP memory (L_M = 2) training diverged to NaN at lr 2e-3 and 3e-3 (the
     chunked inner update grows without bound once θ and η are learned large) and learned slower at lr 1e-3.
@@ -158,4 +174,5 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "dna_tiny": dna_tiny,
     "dna_cnn": dna_cnn,
     "dna_tata": dna_tata,
+    "dna_tata_lmm": dna_tata_lmm,
 }

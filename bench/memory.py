@@ -167,7 +167,7 @@ def main() -> None:
                 configs.append(base | dict(impl="torch", seq=T, precision="bf16"))
                 configs.append(base | dict(impl="torch", seq=T, compile=True))
                 configs.append(base | dict(impl="torch", seq=T, precision="bf16", compile=True))
-            if args.checkpoint_chunks and T > seqs[0]:
+            if args.checkpoint_chunks and T >= 4096:
                 configs.append(base | dict(impl="torch", seq=T, checkpoint_chunks=args.checkpoint_chunks))
         if "titans-pytorch" in only and have_tp and T <= 4096:
             configs.append(base | dict(impl="titans-pytorch", seq=T))

@@ -35,6 +35,27 @@ def test_streaming_in_random_pieces_equals_one_call(seed):
     assert state.position == 29
 
 
+def test_long_inputs_in_pieces_give_the_same_outputs_state_and_gradients():
+    """`piece_len` (the layer runs a long input in pieces carried by the state) is a speed setting, never a change of
+    result: outputs, final state and every parameter and input gradient equal one piece."""
+    x = torch.randn(2, 29, 16, dtype=torch.float64)
+    results = []
+    for piece_len in (0, 6):  # 6 is not a multiple of the chunk (4): pieces end mid-chunk
+        mem = _memory(piece_len=piece_len)
+        xi = x.clone().requires_grad_()
+        y, state = mem(xi)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + state.weights[0].square().sum()
+        grads = torch.autograd.grad(loss, [xi, *mem.parameters()])
+        results.append((y, state, grads))
+    (y0, s0, g0), (y1, s1, g1) = results
+    torch.testing.assert_close(y1, y0, atol=1e-12, rtol=1e-12)
+    for a, b in zip(s1.weights + s1.surprise, s0.weights + s0.surprise, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert s1.position == 29
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+
+
 def test_memory_is_reset_per_sample():
     """Predictions for a sequence do not depend on what else is in the batch (conventions pitfall 26)."""
     mem = _memory()

@@ -40,6 +40,7 @@ class ModelConfig:
     theta_max: float = 0.1  # θ_t in (0, θ_max] (A1; spec §11 on stability)
     inner_clip: float = 0.0  # > 0: clamp each token's inner error M(k) − v to [−c, c] (Huber; spec §11); 0: off
     checkpoint_chunks: int = 0  # > 0: keep every Nth chunk state for backward, recompute the rest (long sequences)
+    memory_piece_len: int = 1024  # longer inputs run through each memory layer in pieces of this many tokens; 0: off
     conv_kernel: int = 4  # causal depthwise conv after q/k/v projections (§2.1); 0 disables it
     window: int = 64  # sliding-window attention size (MAG, MAL, attn)
     segment_len: int = 64  # C: MAC segment length (Eqs. 21-25)

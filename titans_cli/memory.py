@@ -59,6 +59,8 @@ class NeuralMemory(nn.Module):
             bound on every write that keeps the chunked update finite when a chunk's keys coincide; 0 disables it.
         checkpoint_chunks: G > 0 recomputes the memory update in backward from every G-th chunk state instead of
             keeping all its activations (torch path): flat training memory in the length, ~1/3 more compute.
+        piece_len: inputs longer than this run through the layer in pieces of this many tokens, carried by the
+            state (same result); 0 runs any length in one piece.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class NeuralMemory(nn.Module):
         kernel: str = "torch",
         inner_clip: float = 0.0,
         checkpoint_chunks: int = 0,
+        piece_len: int = 1024,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -82,7 +85,7 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.activation, self.chunk_size, self.theta_max = activation, chunk_size, theta_max
         self.read, self.kernel, self.inner_clip = read, kernel, inner_clip
-        self.checkpoint_chunks = checkpoint_chunks
+        self.checkpoint_chunks, self.piece_len = checkpoint_chunks, piece_len
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = CausalDepthwiseConv(3 * dim, conv_kernel)
         self.gates = nn.Linear(dim, 3 * heads)
@@ -134,6 +137,18 @@ class NeuralMemory(nn.Module):
         """
         if state is None:
             state = self.initial_state(x.shape[0])
+        if 0 < self.piece_len < x.shape[1]:
+            # A long input goes through the layer in pieces carried by the state (streaming equals one call): every
+            # buffer stays piece-sized, which is 1.2-1.3x faster at 16k tokens than GB-sized projection buffers
+            # (README, Performance) and changes no result.
+            outs = []
+            for piece in x.split(self.piece_len, dim=1):
+                o, state = self._forward(piece, state)
+                outs.append(o)
+            return torch.cat(outs, dim=1), state
+        return self._forward(x, state)
+
+    def _forward(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
         q, k, v, tail = self._project(x, state.conv)
         # Gates and their log-space products stay in at least float32 under bf16 autocast (spec §3.2).
         g = self.gates(x)

@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from titans_cli.runs import write_json  # noqa: E402
+
 # Stage data: the same vocabulary (so weights transfer), pairs beyond 2 layers x window 64 of the queries.
 DATA = {
     "256": ["--seq-len", "256", "--min-gap", "128", "--n-train", "10000", "--n-val", "200", "--n-test", "500"],
@@ -94,7 +98,7 @@ def main() -> None:
                 first = titans(["train", "--preset", "recall_256", "--variant", variant, "--data",
                                 str(opts.out / "data-256"), "--out", str(stage1), "--overwrite", "--quiet", *sets1,
                                 *longer, *quick], opts.threads)  # fmt: skip
-                (stage1 / STAGE1_RESULT).write_text(json.dumps(first))
+                write_json(stage1 / STAGE1_RESULT, first)  # atomically: `--stages 2` reads it back
             if opts.stages == "1":
                 row.update(seq_len=256, accuracy_256=round(first["test"]["accuracy"], 4),
                            exact_256=round(first["test"]["exact"], 4), steps=[first["steps"]],
@@ -104,7 +108,7 @@ def main() -> None:
             second = titans(["train", "--preset", "recall_1k", "--variant", variant, "--data",
                              str(opts.out / "data-1024"), "--out", str(stage2), "--init-from", str(stage1),
                              "--overwrite", "--quiet", *sets2, *quick], opts.threads)  # fmt: skip
-        except (Failed, OSError) as err:
+        except (Failed, OSError, ValueError) as err:  # ValueError: an unreadable stage-1 result
             print(json.dumps({**row, "error": str(err)}), flush=True)
             continue
         row.update(

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from tasks.base import Batch, TaskData
 from tasks.dna_models import GenomicBenchmarksCNN, TitansClassifier, rc_tokens
+from titans_cli.config import check_fields
 from titans_cli.errors import DataError, UsageError
 from titans_cli.sequence import ALPHABET, PAD_ID, encode
 
@@ -52,9 +53,7 @@ class DnaConfig:
             ("head_dropout", 0 <= self.head_dropout < 1, "must be in [0, 1)"),
             ("cnn_length", self.cnn_length == 0 or self.cnn_length >= 64, "must be 0 or >= 64 (three conv+pool)"),
         ]
-        for name, ok, why in checks:
-            if not ok:
-                raise UsageError(f"task.{name}: {why}, got {getattr(self, name)!r}")
+        check_fields("task", self, checks)
 
 
 class SequenceDataset(Dataset):

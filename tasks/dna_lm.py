@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from data_recipes.fasta_bed import read_bed
 from tasks.base import Batch, TaskData
 from tasks.dna import SequenceDataset, read_manifest, read_split
+from titans_cli.config import check_fields
 from titans_cli.errors import DataError, UsageError
 from titans_cli.model import Titans
 from titans_cli.sequence import ALPHABET, PAD_ID, VOCAB_SIZE, contig_lengths, encode, normalize, open_fasta
@@ -50,9 +51,7 @@ class DnaLmConfig:
             ("val_frac", 0 < self.val_frac < 1, "must be in (0, 1)"),
             ("val_windows", self.val_windows >= 1, "must be >= 1"),
         ]
-        for name, ok, why in checks:
-            if not ok:
-                raise UsageError(f"task.{name}: {why}, got {getattr(self, name)!r}")
+        check_fields("task", self, checks)
 
 
 Segment = tuple[str, int, int]  # contig, start, end (0-based half-open)

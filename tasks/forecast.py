@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_recipes import timeseries as ts
 from tasks.base import Batch, TaskData
 from tasks.forecast_models import build_forecaster
+from titans_cli.config import check_fields
 from titans_cli.errors import DataError, TitansError, UsageError
 from titans_cli.metrics import ErrorSums, mase_scale, naive_forecast, seasonal_naive_forecast
 
@@ -53,9 +54,7 @@ class ForecastConfig:
         if self.layout == "patch" and self.model == "titans":
             ok = (self.lookback - self.patch_len) % max(1, self.patch_stride) == 0
             checks.append(("patch_stride", ok, f"must divide lookback - patch_len = {self.lookback - self.patch_len}"))
-        for name, ok, why in checks:
-            if not ok:
-                raise UsageError(f"task.{name}: {why}, got {getattr(self, name)!r}")
+        check_fields("task", self, checks)
 
     @property
     def pred_len(self) -> int:

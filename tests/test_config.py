@@ -163,3 +163,20 @@ def test_resume_may_extend_training_but_not_change_the_model():
     other = dataclasses.replace(saved, model=dataclasses.replace(saved.model, dim=256))
     with pytest.raises(UsageError, match="cannot change model.dim"):
         check_resume_changes(saved, other)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("model.dim=-3", r"model.dim: must be >= 1, got -3"),
+        ("model.heads=3", r"model.heads: must divide dim 128, got 3"),
+        ("model.chunk_size=0", r"model.chunk_size: must be >= 1, got 0"),
+        ("model.inner_clip=-1.0", r"model.inner_clip: must be >= 0"),
+        ("model.memory_piece_len=-5", r"model.memory_piece_len: must be >= 0"),
+    ],
+)
+def test_out_of_range_model_values_name_the_field(setting, message):
+    """A value of the right type but out of range is a one-line usage error naming the field, not a crash later
+    (a zero chunk divided by zero deep in the memory update) or a silent no-op (a negative clamp)."""
+    with pytest.raises(UsageError, match=message):
+        load(sets=[setting])

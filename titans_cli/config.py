@@ -24,6 +24,13 @@ Variant = Literal["lmm", "mac", "mag", "mal", "attn"]
 Kernel = Literal["auto", "torch", "triton", "naive"]
 
 
+def check_fields(section: str, obj: object, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise a `UsageError` naming `section.field`, the rule and the value for the first failed (field, ok, rule)."""
+    for name, ok, why in checks:
+        if not ok:
+            raise UsageError(f"{section}.{name}: {why}, got {getattr(obj, name)!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The Titans backbone. Every proposed reading of an ambiguity (spec §10) is a field here."""
@@ -54,6 +61,26 @@ class ModelConfig:
     ffn_mult: int = 4  # hidden width of each block's MLP = ffn_mult * dim; 0 = no FFN sub-block
     dropout: float = 0.0
     kernel: Kernel = "torch"  # memory-update path: torch (chunked closed form), naive (per token), triton
+
+    def __post_init__(self) -> None:
+        check_fields("model", self, [
+            ("dim", self.dim >= 1, "must be >= 1"),
+            ("n_layers", self.n_layers >= 1, "must be >= 1"),
+            ("heads", self.heads >= 1 and self.dim % max(1, self.heads) == 0, f"must divide dim {self.dim}"),
+            ("memory_depth", self.memory_depth >= 1, "must be >= 1"),
+            ("memory_expansion", self.memory_expansion >= 1, "must be >= 1"),
+            ("chunk_size", self.chunk_size >= 1, "must be >= 1"),
+            ("theta_max", self.theta_max > 0, "must be > 0"),
+            ("inner_clip", self.inner_clip >= 0, "must be >= 0 (0 disables the clamp)"),
+            ("checkpoint_chunks", self.checkpoint_chunks >= 0, "must be >= 0 (0 disables checkpointing)"),
+            ("memory_piece_len", self.memory_piece_len >= 0, "must be >= 0 (0 reads any length in one piece)"),
+            ("conv_kernel", self.conv_kernel >= 0, "must be >= 0"),
+            ("window", self.window >= 1, "must be >= 1"),
+            ("segment_len", self.segment_len >= 1, "must be >= 1"),
+            ("n_persistent", self.n_persistent >= 0, "must be >= 0"),
+            ("ffn_mult", self.ffn_mult >= 0, "must be >= 0"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+        ])  # fmt: skip
 
 
 Precision = Literal["32", "bf16"]
@@ -102,9 +129,7 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, "must be >= 1"),
             ("num_workers", self.num_workers >= 0, "must be >= 0"),
         ]
-        for name, ok, why in checks:
-            if not ok:
-                raise UsageError(f"train.{name}: {why}, got {getattr(self, name)!r}")
+        check_fields("train", self, checks)
 
 
 @dataclass(frozen=True)

@@ -139,8 +139,8 @@ class NeuralMemory(nn.Module):
             state = self.initial_state(x.shape[0])
         if 0 < self.piece_len < x.shape[1]:
             # A long input goes through the layer in pieces carried by the state (streaming equals one call): every
-            # buffer stays piece-sized, which is 1.2-1.3x faster at 16k tokens than GB-sized projection buffers
-            # (README, Performance) and changes no result.
+            # buffer stays piece-sized instead of GB-sized at 16k tokens, measured faster there (README,
+            # Performance), and no result changes.
             outs = []
             for piece in x.split(self.piece_len, dim=1):
                 o, state = self._forward(piece, state)

@@ -53,10 +53,10 @@ def memory_update(
         else:
             fn = chunk_memory_update
         # --- end Triton selection ---
-    extra: dict[str, float | int] = {"clip": clip} if clip > 0 else {}
-    if fn is chunk_memory_update:
-        extra["checkpoint_chunks"] = checkpoint_chunks
-    return fn(q, k, v, alpha, eta, theta, state, chunk_size=chunk_size, activation=activation, read=read, **extra)
+    extra = {"checkpoint_chunks": checkpoint_chunks} if fn is chunk_memory_update else {}
+    return fn(
+        q, k, v, alpha, eta, theta, state, chunk_size=chunk_size, activation=activation, read=read, clip=clip, **extra
+    )
 
 
 # --- Triton selection helper (Engineer D) ---

@@ -222,7 +222,7 @@ class _FusedChunkStep(torch.autograd.Function):
             # Chunk end (spec §3.2): W' = β_n W + γ_n S − Aᵀ diag(c) Δ,  S' = E_n S − Aᵀ diag(θP) Δ.
             new_w.append(_mm(torch.addcmul(be * w, ge, s), _t(a), ce * d, alpha=-1.0))
             new_s.append(_mm(ee * s, _t(a), tpu * d, alpha=-1.0))
-        ctx.activation, ctx.n_layers = activation, L
+        ctx.activation, ctx.n_layers, ctx.clipped = activation, L, inside is not None
         dev = q.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(
@@ -257,7 +257,7 @@ class _FusedChunkStep(torch.autograd.Function):
         weights, surprise, anchor = take(L), take(L), take(L)
         xs, ps, ts, ds = take(L), take(L - 1), take(L - 1), take(L)
         hs, zs, hw_all, hsv_all, has = take(L), take(L - 1), take(L), take(L), take(L)
-        inside = saved[pos] if pos < len(saved) else None
+        inside = saved[pos] if ctx.clipped else None  # saved last, only with the clamp
         ga: list[Tensor | None] = [None] * L  # ∂/∂a_l (layer inputs at the anchor)
         gd: list[Tensor | None] = [None] * L  # ∂/∂δ_l
         gw: list[Tensor | None] = [None] * L

@@ -40,13 +40,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--update-only", action="store_true",
+                   help="time the memory update alone (q, k, v and gates given), our two paths only")  # fmt: skip
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast dtype of the layer")
-    p.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes after one warm-up")
+    p.add_argument("--repeats", type=int, default=3, help="least timed forward+backward passes after one warm-up")
+    p.add_argument("--min-time", type=float, default=1.0, help="keep timing passes until this many seconds passed")
     args = p.parse_args()
     if args.tiny:
         args.batch, args.dim, args.heads, args.chunk = 1, 32, 2, 16
         args.lengths = args.lengths or [40]
-        args.repeats = 1
+        args.repeats, args.min_time = 1, 0.0
         args.dtype = "fp32"
     args.lengths = args.lengths or [4096, 16384, 65536]
     return args
@@ -69,6 +72,40 @@ def build_layer(path: str, args: argparse.Namespace, device: Any) -> Callable[[A
     return lambda x: layer(x)[0]
 
 
+def build_update(path: str, args: argparse.Namespace, device: Any) -> Callable[[Any], Any]:
+    """The memory update alone: x `[B, T, dim]` gives q, k, v (`[B, H, T, dim/H]`, in the autocast dtype, as the
+    layer's projections would) with fixed realistic gates; returns the reads `[B, H, T, dim/H]`."""
+    import torch
+    import torch.nn.functional as F
+
+    from titans_cli.ops.memory_update import MemoryState, memory_update
+
+    if path not in ("triton", "torch"):
+        raise ValueError("--update-only times our two paths (titans-pytorch has no separate update)")
+    H, D = args.heads, args.dim // args.heads
+    dims = [D] + [4 * D] * (args.depth - 1) + [D]
+    init = [torch.randn(H, dims[i], dims[i + 1], device=device) / dims[i] ** 0.5 for i in range(args.depth)]
+    init = [w.requires_grad_() for w in init]
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    # Gates in the ranges a trained layer uses (slow forgetting, strong momentum, small steps); float32 leaves.
+    shape = (args.batch, H, max(args.lengths))
+    # (θ up to 0.1 with unit-scale values diverges within a few chunks, and non-finite timings mean nothing.)
+    gates = [lo + (hi - lo) * torch.rand(shape, device=device) for lo, hi in ((0.0, 0.01), (0.8, 0.95), (0.0, 0.02))]
+    gates = [g.requires_grad_() for g in gates]
+
+    def update(x: Any) -> Any:
+        B, T, _ = x.shape
+        heads = x.view(B, T, H, D).transpose(1, 2)
+        q, k = F.normalize(heads, dim=-1), F.normalize(heads.roll(1, dims=2), dim=-1)
+        state = MemoryState.initial(init, B)
+        alpha, eta, theta = (g[..., :T] for g in gates)
+        y, _ = memory_update(q.to(dtype), k.to(dtype), (0.5 * heads).to(dtype), alpha, eta, theta, state,
+                             chunk_size=args.chunk, kernel=path)  # fmt: skip
+        return y
+
+    return update
+
+
 def measure(fn: Callable[[Any], Any], x: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
     import torch
 
@@ -86,13 +123,19 @@ def measure(fn: Callable[[Any], Any], x: Any, args: argparse.Namespace, device: 
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.repeats):
+    # Each pass ends in a host sync (the finiteness check), so wall-clock time is device time plus launch gaps.
+    passes, start = 0, time.perf_counter()
+    while passes < args.repeats or time.perf_counter() - start < args.min_time:
         step()
+        passes += 1
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    out = {"tokens_per_s": round(args.batch * x.shape[1] * args.repeats / elapsed, 1)}
+    out = {
+        "passes": passes,
+        "ms_per_pass": round(1e3 * elapsed / passes, 2),
+        "tokens_per_s": round(args.batch * x.shape[1] * passes / elapsed, 1),
+    }
     if cuda:
         out["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:  # process-wide high-water mark, so it only grows over the records of one run
@@ -111,18 +154,26 @@ def main() -> None:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        name += " (Triton interpreter)"
     torch.manual_seed(0)
     base = {
         "device": name, "batch": args.batch, "dim": args.dim, "heads": args.heads, "chunk": args.chunk,
-        "depth": args.depth, "dtype": args.dtype, "repeats": args.repeats, "torch": torch.__version__,
+        "depth": args.depth, "dtype": args.dtype, "torch": torch.__version__,
+        "level": "update" if args.update_only else "layer",
     }  # fmt: skip
+    if device.type == "cuda":
+        import triton
+
+        base["triton"] = triton.__version__
     for length in args.lengths:
         x = torch.randn(args.batch, length, args.dim, device=device, requires_grad=True)
         for path in args.paths:
             record = {**base, "path": path, "seq": length}
             try:
-                record.update(measure(build_layer(path, args, device), x, args, device))
+                build = build_update if args.update_only else build_layer
+                record.update(measure(build(path, args, device), x, args, device))
             except ImportError as exc:
                 record["skipped"] = f"not installed: {exc}"
             except torch.cuda.OutOfMemoryError:

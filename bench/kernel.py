@@ -119,9 +119,12 @@ def measure(fn: Callable[[Any], Any], x: Any, args: argparse.Namespace, device: 
             raise FloatingPointError("non-finite output")
         y.float().square().mean().backward()
 
+    warm = time.perf_counter()
     step()  # warm-up: Triton compilation, autotuning of cuBLAS
     if cuda:
         torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - warm
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     # Each pass ends in a host sync (the finiteness check), so wall-clock time is device time plus launch gaps.
     passes, start = 0, time.perf_counter()
@@ -132,6 +135,7 @@ def measure(fn: Callable[[Any], Any], x: Any, args: argparse.Namespace, device: 
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     out = {
+        "warmup_s": round(warmup_s, 2),  # the first pass: compilation included
         "passes": passes,
         "ms_per_pass": round(1e3 * elapsed / passes, 2),
         "tokens_per_s": round(args.batch * x.shape[1] * passes / elapsed, 1),

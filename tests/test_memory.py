@@ -111,3 +111,23 @@ def test_long_sequence_stays_finite_at_initialisation():
         y, state = mem(torch.randn(1, 4096, 64))
     assert torch.isfinite(y).all()
     assert all(torch.isfinite(w).all() for w in state.weights)
+
+
+def test_projections_share_one_dtype_when_normalize_widens(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA autocast computes F.normalize in float32 while v stays bf16; the layer hands the update one dtype.
+    from titans_cli import memory as memory_module
+
+    widen = memory_module.F.normalize
+    monkeypatch.setattr(memory_module.F, "normalize", lambda t, dim: widen(t.float(), dim=dim))
+    seen = []
+    real = memory_module.memory_update
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(memory_module, "memory_update", spy)
+    layer = memory_module.NeuralMemory(32, 2, depth=1, chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(1, 6, 32))
+    assert seen == [(torch.bfloat16,) * 3]

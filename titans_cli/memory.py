@@ -117,8 +117,11 @@ class NeuralMemory(nn.Module):
     def _project(self, x: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         qkv, tail = self.conv(self.qkv(x), tail)
         q, k, v = F.silu(qkv).chunk(3, dim=-1)
-        q = F.normalize(self._split_heads(q), dim=-1)
-        k = F.normalize(self._split_heads(k), dim=-1)
+        # CUDA autocast runs F.normalize's norm in float32, and the division then promotes q and k to float32 while
+        # v stays bf16; one dtype for all three keeps every path at the same precision (and, on a GPU, the Triton
+        # kernel on its 16-bit variant: with float32 q it compiled and ran the float32 one).
+        q = F.normalize(self._split_heads(q), dim=-1).to(v.dtype)
+        k = F.normalize(self._split_heads(k), dim=-1).to(v.dtype)
         return q, k, self._split_heads(v), tail
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:

@@ -314,6 +314,10 @@ def test_memory_update_selects_triton_by_argument(monkeypatch: pytest.MonkeyPatc
     )
     with pytest.raises(UsageError, match="float64"):
         memory_update(*(x.double() for x in xs), state, chunk_size=4, kernel="triton")
+    # Mixed dtypes would silently pick the float32 kernels for 16-bit values (q's dtype sets the precision).
+    mixed = [xs[0], xs[1], xs[2].bfloat16(), *xs[3:]]
+    with pytest.raises(UsageError, match="share one dtype .*float32, torch.float32, torch.bfloat16"):
+        memory_update(*mixed, state, chunk_size=4, kernel="triton")
 
 
 def test_triton_on_cpu_without_interpreter_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,7 +355,9 @@ def test_real_size_matches_torch_path_on_gpu(depth: int, dtype: torch.dtype, pos
     xs, state = _case(2, 4, 1000, 64, depth, 64, position, hidden=256)
     xs = [x.to(dtype) if x.dim() == 4 else x for x in xs]
     kw = dict(read=read, clip=clip)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    # Measured on an H200 (Triton 3.6): float32 ≤ 4.6e-6; bf16 (tf32 products on the float32 state) up to 1.9e-2,
+    # in the final weights of the depth-2 memory after 1,000 tokens, and ≤ 9.6e-3 elsewhere.
+    tol = 1e-4 if dtype == torch.float32 else 4e-2
     y, out = triton_memory_update(*xs, state, chunk_size=64, **kw)
     ref_state, _ = _cast_state(state, torch.float64, leaves=False)
     y_ref, ref_out = chunk_memory_update(*(x.double() for x in xs), ref_state, chunk_size=64, **kw)

@@ -45,7 +45,7 @@ def memory_update(
         fn = chunk_memory_update
     else:
         # --- Triton selection (Engineer D, triton.py): imported lazily, the package runs without triton ---
-        reason = _triton_unsupported(q, state, chunk_size, activation, read)
+        reason = _triton_unsupported(q, k, v, state, chunk_size, activation, read)
         if reason is None:
             from titans_cli.ops.memory_update.triton import triton_memory_update as fn
         elif kernel == "triton":
@@ -61,14 +61,14 @@ def memory_update(
 
 # --- Triton selection helper (Engineer D) ---
 def _triton_unsupported(
-    q: Tensor, state: MemoryState, chunk_size: int, activation: str, read: str
+    q: Tensor, k: Tensor, v: Tensor, state: MemoryState, chunk_size: int, activation: str, read: str
 ) -> str | None:
     """Why the Triton kernel cannot run these inputs (triton missing, no CUDA, shapes), or None when it can."""
     try:
         from titans_cli.ops.memory_update import triton as triton_kernel
     except ImportError as exc:
         return f"triton is not installed ({exc}); install the extra: pip install 'titans-cli[triton]'"
-    return triton_kernel.unsupported_reason(q, state, chunk_size, activation, read)
+    return triton_kernel.unsupported_reason(q, k, v, state, chunk_size, activation, read)
 
 
 # --- end Triton selection helper ---

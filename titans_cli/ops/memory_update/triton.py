@@ -755,7 +755,9 @@ def layout_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, offset: int, 
     return [r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp_end]
 
 
-def unsupported_reason(q: Tensor, state: MemoryState, chunk_size: int, activation: str, read: str) -> str | None:
+def unsupported_reason(
+    q: Tensor, k: Tensor, v: Tensor, state: MemoryState, chunk_size: int, activation: str, read: str
+) -> str | None:
     """Why the Triton kernel cannot run these inputs, or None when it can."""
     if not (q.is_cuda or (INTERPRET and q.device.type == "cpu")):
         return f"it needs CUDA tensors (got {q.device.type}; the CPU runs it only under TRITON_INTERPRET=1)"
@@ -768,6 +770,8 @@ def unsupported_reason(q: Tensor, state: MemoryState, chunk_size: int, activatio
         return f"read {read!r} is not 'inclusive' or 'strict'"
     if q.dtype not in _DTYPES:
         return f"inputs are {q.dtype}; it takes float32, bfloat16 or float16 (float32 accumulation)"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q, k, v must share one dtype (got {q.dtype}, {k.dtype}, {v.dtype}); cast them to one"
     D = q.shape[-1]
     if D > _MAX_TILE or chunk_size > _MAX_TILE:
         return f"head dim {D} and chunk size {chunk_size} must be ≤ {_MAX_TILE}"
@@ -1059,7 +1063,7 @@ def triton_memory_update(
     Returns:
         y `[B, H, T, D]` in q's dtype and the state after the last token, in the incoming state's dtypes.
     """
-    reason = unsupported_reason(q, state, chunk_size, activation, read)
+    reason = unsupported_reason(q, k, v, state, chunk_size, activation, read)
     if reason is not None:
         raise ValueError(f"triton_memory_update cannot run: {reason}")
     if backward not in _BACKWARDS:

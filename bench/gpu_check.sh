@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # The GPU checks of the Triton kernels, as one call on a lent CUDA machine (its own python3 with torch and triton):
 #   1. the environment (GPU, driver, torch, triton);
-#   2. tests/ops/test_triton.py compiled on the GPU: the interpreter cases plus the `gpu`-marked real sizes, every
-#      measured error logged to errors.jsonl (tests/assertions.py, TITANS_ERROR_LOG);
-#   3. bench/kernel.py: the memory layer (issue 5's configuration, bf16) and the update alone, JSON lines.
+#   2. bench/kernel.py: the memory layer (issue 5's configuration, bf16) and the update alone, JSON lines;
+#   3. tests/ops/test_triton.py compiled on the GPU: the interpreter cases plus the `gpu`-marked real sizes, every
+#      measured error logged to errors.jsonl (tests/assertions.py, TITANS_ERROR_LOG).
 # Logs go to $OUT (the device tool's folder) or runs/gpu-check. Each step has its own time limit so the call ends
-# inside its lease and a timed-out step still leaves the lines it printed.
+# inside its lease and a timed-out step still leaves the lines it printed. Budget for compilation: on the H200 of
+# 2026-11-26 the first pass of the depth-2 bf16 kernels took 58 s (each new specialisation, e.g. a length that is
+# not a multiple of 16, compiles again), and 34 of the 38 tests finished in 140 s with 8 xdist workers.
 #
 #   OUT=runs/gpu-check bash bench/gpu_check.sh
-#   TEST_S=150 LAYER_S=200 UPDATE_S=60 bash bench/gpu_check.sh   # per-step seconds
+#   LAYER_S=240 UPDATE_S=90 TEST_S=200 bash bench/gpu_check.sh   # per-step seconds (the defaults)
 #
 # titans-pytorch (the benchmark's third path) is not on the device image: when ./.whl holds its wheels (downloaded
-# here with `pip download --no-deps` for the device's Python), they are installed to /tmp/site first.
+# here for the device's Python 3.12), they are installed to /tmp/site first. The wheels used on 2026-11-26:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl titans-pytorch==0.5.5 \
+#     assoc-scan==0.0.6 axial_positional_embedding==0.3.12 einx==0.4.3 hyper-connections==0.4.11 \
+#     rotary-embedding-torch==0.9.1 tensordict==0.15.3 x-transformers==2.31.10 accelerated-scan==0.3.1 \
+#     frozendict==2.5.1 torch-einops-utils==0.2.0 pyvers==0.2.3 loguru==0.7.3
 set -u
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -29,14 +36,14 @@ fi
                                     torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))'
 } 2>&1 | tee "$OUT/env.txt"
 
+timeout "${LAYER_S:-240}" "$PY" bench/kernel.py --lengths 4096 16384 65536 --min-time 0.5 2>&1 | tee "$OUT/kernel_layer.jsonl"
+timeout "${UPDATE_S:-90}" "$PY" bench/kernel.py --update-only --paths triton torch --lengths 4096 16384 --min-time 0.5 \
+  2>&1 | tee "$OUT/kernel_update.jsonl"
+
 xdist=()
 "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 8)  # compilation is CPU-bound: compile kernel variants in parallel
-TITANS_ERROR_LOG="$OUT/errors.jsonl" timeout "${TEST_S:-150}" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+TITANS_ERROR_LOG="$OUT/errors.jsonl" timeout "${TEST_S:-200}" "$PY" -m pytest -q -p no:cacheprovider -p no:benchmark "${xdist[@]}" \
   --durations=8 tests/ops/test_triton.py 2>&1 | tee "$OUT/pytest.log"
-
-timeout "${LAYER_S:-200}" "$PY" bench/kernel.py 2>&1 | tee "$OUT/kernel_layer.jsonl"
-timeout "${UPDATE_S:-60}" "$PY" bench/kernel.py --update-only --paths triton torch --lengths 4096 16384 \
-  2>&1 | tee "$OUT/kernel_update.jsonl"
 
 # Summary last (the device tool returns the end of the output): the worst error margin per test, then the rates.
 "$PY" - "$OUT" <<'EOF'

@@ -8,12 +8,16 @@ Row fields: variant, accuracy / exact (test, 1024 tokens), stage-1 accuracy at 2
 (both stages, from the runs' own timers), wall seconds (the stages run by this call; prepare excluded), threads,
 and the settings given.
 
+`--hybrid` trains MAC and MAG with `recall_256_hybrid` / `recall_1k_hybrid` instead (memory output on the residual
+stream, the gated attention branch held at zero for the first 600 steps; see tasks/presets.py); other variants
+keep the plain presets.
+
 `--set` applies to both stages, `--set1` / `--set2` to one (e.g. the inner-loss clamp only at 1024 tokens);
 `--seed N` is `train.seed=N` in both. `--stages 1` trains stage 1 only (a row without the 1024 fields);
 `--stages 2` continues from the stage-1 run already in OUT (its result is read from the run folder).
 
     python bench/recall.py --threads 2 [--variants lmm,mac,mag,mal,attn] [--out runs/bench-recall]
-                           [--stage1-steps N] [--seed N] [--stages both|1|2]
+                           [--stage1-steps N] [--seed N] [--stages both|1|2] [--hybrid]
                            [--set section.key=value ...] [--set1 ...] [--set2 ...] [--quick]
 """
 
@@ -40,6 +44,7 @@ DATA = {
 COMMON_DATA = ["--pairs", "4", "--queries", "4", "--vocab", "16", "--filler-vocab", "1", "--seed", "0"]
 
 
+HYBRIDS = ("mac", "mag")  # the variants `--hybrid` moves to the recall_*_hybrid presets
 STAGE1_RESULT = "bench-stage1.json"  # the stage-1 `titans train --json` result, kept for `--stages 2`
 
 
@@ -75,6 +80,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="section.key=value for both stages")
     parser.add_argument("--set1", action="append", default=[], help="section.key=value for stage 1 (256) only")
     parser.add_argument("--set2", action="append", default=[], help="section.key=value for stage 2 (1024) only")
+    parser.add_argument("--hybrid", action="store_true", help="mac and mag use the recall_*_hybrid presets")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the script only")
     opts = parser.parse_args()
 
@@ -88,14 +94,17 @@ def main() -> None:
     for variant in opts.variants.split(","):
         stage1, stage2 = opts.out / f"{variant}-256", opts.out / f"{variant}-1024"
         started = time.perf_counter()
+        hybrid = "_hybrid" if opts.hybrid and variant in HYBRIDS else ""
         row: dict[str, Any] = {"variant": variant, "seq_len": 1024, "window": 64, "threads": opts.threads}
+        if hybrid:
+            row["presets"] = [f"recall_256{hybrid}", f"recall_1k{hybrid}"]
         row.update({k: v for k, v in (("seed", opts.seed), ("set", opts.set), ("set1", opts.set1),
                                       ("set2", opts.set2)) if v not in (None, [])})  # fmt: skip
         try:
             if opts.stages == "2":
                 first = json.loads((stage1 / STAGE1_RESULT).read_text())
             else:
-                first = titans(["train", "--preset", "recall_256", "--variant", variant, "--data",
+                first = titans(["train", "--preset", f"recall_256{hybrid}", "--variant", variant, "--data",
                                 str(opts.out / "data-256"), "--out", str(stage1), "--overwrite", "--quiet", *sets1,
                                 *longer, *quick], opts.threads)  # fmt: skip
                 write_json(stage1 / STAGE1_RESULT, first)  # atomically: `--stages 2` reads it back
@@ -105,7 +114,7 @@ def main() -> None:
                            train_seconds=round(first["train_seconds"], 1))  # fmt: skip
                 print(json.dumps(row), flush=True)
                 continue
-            second = titans(["train", "--preset", "recall_1k", "--variant", variant, "--data",
+            second = titans(["train", "--preset", f"recall_1k{hybrid}", "--variant", variant, "--data",
                              str(opts.out / "data-1024"), "--out", str(stage2), "--init-from", str(stage1),
                              "--overwrite", "--quiet", *sets2, *quick], opts.threads)  # fmt: skip
         except (Failed, OSError, ValueError) as err:  # ValueError: an unreadable stage-1 result

@@ -164,6 +164,30 @@ def dna_tata_lmm() -> RunConfig:
     )
 
 
+def _hybrid(base: RunConfig, **model: object) -> RunConfig:
+    # MAC and MAG on the recall claim: the memory output as its own residual branch (memory_residual), MAC writing
+    # the residual stream (mac_write), and W of the gated attention branch zero at start (attn_branch_init=0).
+    hybrid = dataclasses.replace(base.model, memory_residual=True, mac_write="residual", attn_branch_init=0.0, **model)
+    return dataclasses.replace(base, model=hybrid)
+
+
+def recall_256_hybrid() -> RunConfig:
+    """Recall stage 1 for MAC/MAG: recall_256 with the memory on the residual stream, trained alone for 600 steps.
+
+    The weights carrying attention into the block start at zero and stay there for the first 600 steps
+    (model.attn_branch_init, train.memory_warmup), so the block starts learning recall as its memory alone, as LMM
+    does. Exploratory (README, Recall): with 2,400 steps (bench --stage1-steps) MAG reached 100% at 1,024 tokens on
+    seeds 0-2; MAC reached >= 99.5% on seeds 0 and 1 with these 1,200 steps, not on seed 2.
+    """
+    cfg = _hybrid(recall_256())
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, memory_warmup=600))
+
+
+def recall_1k_hybrid() -> RunConfig:
+    """Recall stage 2 for MAC/MAG (--init-from a recall_256_hybrid run): inner-loss clamp 1.0 at 1024 tokens."""
+    return _hybrid(recall_1k(), inner_clip=1.0)
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "recall_tiny": recall_tiny,
     "recall_256": recall_256,
@@ -175,4 +199,6 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "dna_cnn": dna_cnn,
     "dna_tata": dna_tata,
     "dna_tata_lmm": dna_tata_lmm,
+    "recall_256_hybrid": recall_256_hybrid,
+    "recall_1k_hybrid": recall_1k_hybrid,
 }

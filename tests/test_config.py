@@ -173,6 +173,7 @@ def test_resume_may_extend_training_but_not_change_the_model():
         ("model.chunk_size=0", r"model.chunk_size: must be >= 1, got 0"),
         ("model.inner_clip=-1.0", r"model.inner_clip: must be >= 0"),
         ("model.memory_piece_len=-5", r"model.memory_piece_len: must be >= 0"),
+        ("model.attn_branch_init=-0.5", r"model.attn_branch_init: must be >= 0"),
     ],
 )
 def test_out_of_range_model_values_name_the_field(setting, message):

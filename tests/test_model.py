@@ -68,6 +68,31 @@ def test_every_parameter_receives_a_gradient(variant, kw):
     assert not missing, missing
 
 
+@pytest.mark.parametrize(("variant", "kw"), [("mag", {}), ("mac", {"mac_write": "residual"})])
+def test_zero_attn_branch_init_starts_the_hybrid_as_its_memory_alone(variant, kw):
+    """attn_branch_init=0 (with memory_residual): the weights carrying attention into the block start at zero, so
+    the block's mixer output is its memory output alone, MAC's memory writes RMSNorm(x̂) as LMM's does, and the
+    weights still receive a gradient to grow from there."""
+    model = _model(variant, memory_residual=True, attn_branch_init=0.0, **kw)
+    block = model.blocks[0]
+    assert all(w.abs().sum() == 0 for w in block.attn_branch())
+    seen = {}
+    block.memory.register_forward_hook(lambda mod, inp, out: seen.setdefault("io", []).append((inp[0], out[0])))
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    _, layer = block.start(model.persistent.unsqueeze(0).expand(2, -1, -1), 2)  # the state after the prefix
+    seen.clear()
+    h = block.norm(x)
+    y, _ = block.mix(h, layer)
+    torch.testing.assert_close(y, torch.cat([o for _, o in seen["io"]], dim=1), atol=1e-12, rtol=1e-12)
+    if variant == "mac":
+        written = torch.cat([i for i, _ in seen["io"]], dim=1)
+        torch.testing.assert_close(written, block.write_norm(h), atol=1e-12, rtol=1e-12)
+    y.square().sum().backward()
+    assert block.proj.weight.grad.abs().sum() > 0 or block.attn.out.weight.grad.abs().sum() > 0
+    default = _model(variant, memory_residual=True, **kw).blocks[0]
+    assert all(w.abs().sum() > 0 for w in default.attn_branch())  # 1.0, the default, keeps PyTorch's init
+
+
 def test_naive_kernel_gives_the_same_model_outputs():
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     y_torch, _ = _model("lmm")(x)

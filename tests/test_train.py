@@ -11,6 +11,7 @@ import torch
 import tasks
 from tasks.recall import RecallTask
 from tests.recall_fixtures import tiny_config, tiny_data
+from titans_cli.checkpoint import read_checkpoint
 from titans_cli.errors import TitansError, UsageError
 from titans_cli.evaluate import evaluate_run
 from titans_cli.runs import read_jsonl
@@ -83,3 +84,19 @@ def test_sub_runs_train_one_model_each_and_are_summarized(data, tmp_path, monkey
 
 
 TWO_LR = TwoLearningRates()
+
+
+def test_memory_warmup_holds_the_gated_branch_fixed_then_trains_it(data, tmp_path):
+    """train.memory_warmup=N: MAG's W (zero-initialised here) gets no step for N steps, so the block is its memory
+    alone; from step N + 1 on W trains."""
+
+    def proj_weights(steps: int, name: str) -> list[torch.Tensor]:
+        cfg = tiny_config(data, variant="mag", max_steps=steps, memory_warmup=3, eval_every=steps)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory_residual=True, attn_branch_init=0.0))
+        run(cfg, RecallTask(), tmp_path / name, quiet=True)
+        state = read_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["model"]
+        return [v for k, v in state.items() if k.endswith(".proj.weight")]
+
+    held = proj_weights(3, "held")
+    assert held and all(w.abs().sum() == 0 for w in held)
+    assert all(w.abs().sum() > 0 for w in proj_weights(4, "joined"))

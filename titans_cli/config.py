@@ -58,6 +58,12 @@ class ModelConfig:
     # MAC Eq. 24 (A8): what the memory writes and reads: "attn" = the attention output y; "residual" =
     # RMSNorm(x + y), the residual stream after the attention sub-layer (keeps the token itself in the key)
     mac_write: Literal["attn", "residual"] = "attn"
+    # MAC/MAG: initial scale of the weights that carry attention into the block: W of the gated branch
+    # W(y ⊙ σ(·)) (both) and MAC's attention output projection (y, also written to the memory). 1 = PyTorch's
+    # default init; 0 starts the block as its memory alone (with memory_residual and, for MAC,
+    # mac_write=residual: o = M(RMSNorm(x̂)) as in LMM). The hybrids' recall otherwise sits on a chance plateau
+    # that some seeds never leave; see train.memory_warmup, which holds these weights at 0 for a while
+    attn_branch_init: float = 1.0
     ffn_mult: int = 4  # hidden width of each block's MLP = ffn_mult * dim; 0 = no FFN sub-block
     dropout: float = 0.0
     kernel: Kernel = "torch"  # memory-update path: torch (chunked closed form), naive (per token), triton
@@ -80,6 +86,7 @@ class ModelConfig:
             ("n_persistent", self.n_persistent >= 0, "must be >= 0"),
             ("ffn_mult", self.ffn_mult >= 0, "must be >= 0"),
             ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("attn_branch_init", self.attn_branch_init >= 0, "must be >= 0 (0 starts the block as its memory alone)"),
         ])  # fmt: skip
 
 
@@ -110,6 +117,11 @@ class TrainConfig:
     init_from: str = ""  # a run directory whose best.pt gives the backbone.* and embed.* weights
     num_workers: int = 0  # DataLoader worker processes
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+    # MAC/MAG: for the first N steps the attention-branch weights of model.attn_branch_init are not updated (their
+    # gradient is dropped). With attn_branch_init=0 the block trains as its memory alone first (as LMM, which
+    # learned recall on the seeds measured) and attention joins after; under Adam zero-initialised weights
+    # otherwise reach full size within ~100 steps (a zero W alone did not leave the plateau). 0: off
+    memory_warmup: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -128,6 +140,7 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 0, "must be >= 0"),
             ("log_every", self.log_every >= 1, "must be >= 1"),
             ("num_workers", self.num_workers >= 0, "must be >= 0"),
+            ("memory_warmup", self.memory_warmup >= 0, "must be >= 0 (0 disables the warm-up)"),
         ]
         check_fields("train", self, checks)
 

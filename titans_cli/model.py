@@ -159,6 +159,19 @@ def _memory(cfg: ModelConfig) -> NeuralMemory:
     )  # fmt: skip
 
 
+def _scale_attn_branch(block: MACBlock | MAGBlock) -> None:
+    """Scale the block's attention-branch output weights (`attn_branch_init`; 1 keeps PyTorch's init)."""
+    if block.cfg.attn_branch_init != 1.0:
+        with torch.no_grad():
+            for w in block.attn_branch():
+                w.mul_(block.cfg.attn_branch_init)
+
+
+def attn_branch_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The attention-branch output weights of every MAC/MAG block in `model` (what `train.memory_warmup` holds)."""
+    return [w for m in model.modules() if isinstance(m, (MACBlock, MAGBlock)) for w in m.attn_branch()]
+
+
 @dataclass
 class LayerState:
     """Streaming state of one block; fields a variant does not use stay None."""
@@ -271,6 +284,11 @@ class MAGBlock(Block):
         self.attn = Attention(cfg.dim, cfg.heads, cfg.window)
         self.y_norm, self.m_norm = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        _scale_attn_branch(self)
+
+    def attn_branch(self) -> list[nn.Parameter]:
+        """W, through which alone attention reaches the output (attn.out stays: RMSNorm(y) of y ≈ 0 is unstable)."""
+        return [self.proj.weight]
 
     def _gate(self, y: Tensor, m: Tensor) -> Tensor:
         o = self.proj(self.y_norm(y) * torch.sigmoid(self.m_norm(m)))
@@ -304,6 +322,11 @@ class MACBlock(Block):
         self.m_norm = nn.RMSNorm(cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.write_norm = nn.RMSNorm(cfg.dim) if cfg.mac_write == "residual" else None
+        _scale_attn_branch(self)
+
+    def attn_branch(self) -> list[nn.Parameter]:
+        """W and the attention's output projection: at 0 the memory writes RMSNorm(x̂) (mac_write=residual), as LMM."""
+        return [self.proj.weight, self.attn.out.weight]
 
     def start(self, prefix: Tensor, batch: int) -> tuple[Tensor, LayerState]:
         # The persistent tokens only form the attention prefix of every segment (Eq. 22); they are not written.

@@ -32,6 +32,7 @@ from titans_cli.checkpoint import read_checkpoint, save_checkpoint, transfer_wei
 from titans_cli.config import RunConfig, dumps_toml
 from titans_cli.errors import DataError, TitansError, UsageError
 from titans_cli.evaluate import DeviceLoader, evaluate_split, is_better
+from titans_cli.model import attn_branch_weights
 from titans_cli.runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
 
 Log = Callable[[str], None]
@@ -227,6 +228,7 @@ def _train_one(
             "val_metrics_json": json.dumps(runs.json_safe(val_metrics)),
         }
 
+    held = attn_branch_weights(model) if tc.memory_warmup else []  # fixed for the first memory_warmup steps
     started = time.perf_counter()
     last_saved_step = state.step if ckpt is not None else -1
     model.train()
@@ -253,6 +255,9 @@ def _train_one(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if state.step <= tc.memory_warmup:
+                    for p in held:
+                        p.grad = None  # AdamW skips a parameter without a gradient: no step, no moments
                 if tc.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()

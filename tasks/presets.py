@@ -34,12 +34,11 @@ def recall_tiny() -> RunConfig:
 
 
 def _recall_model() -> ModelConfig:
-    # One memory head of width 64 with a matrix memory (L_M = 1). Chunks of 16 with theta_max 0.3 write 3x
-    # harder than chunks of 64 with 0.1 while each chunk's summed step stays stable; on the bench's 256-token
-    # data LMM reached 99.6% test accuracy after 1,200 steps with them, 26% without (bench/recall.py stage 1).
+    # One memory head of width 64 with a matrix memory (L_M = 1), chunks of 16; every memory setting (θ_max, η_max,
+    # step scale, clamp) at its default.
     return ModelConfig(
-        dim=64, n_layers=2, heads=1, memory_depth=1, chunk_size=16, theta_max=0.3, window=64, segment_len=64,
-        n_persistent=4, ffn_mult=2,
+        dim=64, n_layers=2, heads=1, memory_depth=1, chunk_size=16, window=64, segment_len=64, n_persistent=4,
+        ffn_mult=2,
     )  # fmt: skip
 
 

@@ -174,6 +174,8 @@ def test_resume_may_extend_training_but_not_change_the_model():
         ("model.inner_clip=-1.0", r"model.inner_clip: must be >= 0"),
         ("model.memory_piece_len=-5", r"model.memory_piece_len: must be >= 0"),
         ("model.attn_branch_init=-0.5", r"model.attn_branch_init: must be >= 0"),
+        ("model.eta_max=1.0", r"model.eta_max: must be in \(0, 1\)"),
+        ("model.theta_max=0", r"model.theta_max: must be > 0"),
     ],
 )
 def test_out_of_range_model_values_name_the_field(setting, message):
@@ -181,3 +183,10 @@ def test_out_of_range_model_values_name_the_field(setting, message):
     (a zero chunk divided by zero deep in the memory update) or a silent no-op (a negative clamp)."""
     with pytest.raises(UsageError, match=message):
         load(sets=[setting])
+
+
+def test_a_mac_block_that_cannot_learn_is_refused():
+    """MAC with the attention branch zeroed and no memory residual outputs 0 with zero gradient everywhere."""
+    with pytest.raises(UsageError, match=r"model.attn_branch_init=0 with model.memory_residual=false"):
+        load(sets=["model.variant=mac", "model.attn_branch_init=0", "model.memory_residual=false"])
+    load(sets=["model.variant=mac", "model.attn_branch_init=0", "model.memory_residual=true"])  # learns: accepted

@@ -131,3 +131,40 @@ def test_projections_share_one_dtype_when_normalize_widens(monkeypatch: pytest.M
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(torch.randn(1, 6, 32))
     assert seen == [(torch.bfloat16,) * 3]
+
+
+@pytest.mark.parametrize("step_scale", ["none", "chunk_momentum", "gram"])
+def test_the_step_bounds_are_exact_in_every_kernel(step_scale):
+    """η ≤ η_max, θ scaled by the chunk size (and 1 − η) and the inner clamp are part of the math every kernel
+    computes: the per-token reference and the chunked path give the same outputs, state and gradients (float64)."""
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    results = []
+    for kernel in ("naive", "torch"):
+        mem = _memory(kernel=kernel, step_scale=step_scale, eta_max=0.8, inner_clip=0.05)
+        xi = x.clone().requires_grad_()
+        y, state = mem(xi)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + state.weights[0].square().sum()
+        results.append((y, state.weights, torch.autograd.grad(loss, [xi, *mem.parameters()])))
+    (y0, w0, g0), (y1, w1, g1) = results
+    torch.testing.assert_close(y1, y0, atol=1e-10, rtol=1e-10)
+    for a, b in zip([*w1, *g1], [*w0, *g0], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_key_overlap_shares_one_step_among_coinciding_keys_and_looks_only_back():
+    """r_j counts the earlier keys of j's chunk that coincide with k_j: j-th copy of one key → j, orthogonal keys → 1;
+    chunks start at multiples of b counted from the sequence start; a later key never changes an earlier r."""
+    from titans_cli.memory import key_overlap
+
+    same = F.normalize(torch.ones(1, 1, 6, 4, dtype=torch.float64), dim=-1)
+    r, carry = key_overlap(same, None, 0, 4)
+    torch.testing.assert_close(r[0, 0], torch.tensor([1.0, 2, 3, 4, 1, 2], dtype=torch.float64))
+    assert carry.shape[2] == 2  # the unfinished second chunk
+    r2, _ = key_overlap(same[:, :, :2], carry, 6, 4)  # continues that chunk
+    torch.testing.assert_close(r2[0, 0], torch.tensor([3.0, 4.0], dtype=torch.float64))
+    eye = torch.eye(4, dtype=torch.float64).view(1, 1, 4, 4)
+    torch.testing.assert_close(key_overlap(eye, None, 0, 4)[0], torch.ones(1, 1, 4, dtype=torch.float64))
+    k = F.normalize(torch.randn(1, 2, 8, 4, dtype=torch.float64), dim=-1)
+    changed = k.clone()
+    changed[:, :, 5] = k[:, :, 4]
+    torch.testing.assert_close(key_overlap(k, None, 0, 8)[0][..., :5], key_overlap(changed, None, 0, 8)[0][..., :5])

@@ -44,8 +44,10 @@ class ModelConfig:
     memory_activation: Literal["silu", "gelu", "tanh"] = "silu"
     chunk_size: int = 16  # b: gradients are taken at chunk-start weights (Eqs. 16-18)
     read: Literal["inclusive", "strict"] = "inclusive"  # y_t = M_t(q_t) or M_{t-1}(q_t) (A6)
-    theta_max: float = 0.1  # θ_t in (0, θ_max] (A1; spec §11 on stability)
-    inner_clip: float = 0.0  # > 0: clamp each token's inner error M(k) − v to [−c, c] (Huber; spec §11); 0: off
+    theta_max: float = 0.4  # θ_t in (0, θ_max] (A1; spec §11 on stability)
+    eta_max: float = 0.9
+    step_scale: Literal["none", "chunk_momentum", "gram"] = "gram"
+    inner_clip: float = 1.0  # > 0: clamp each token's inner error M(k) − v to [−c, c] (Huber; spec §11); 0: off
     checkpoint_chunks: int = 0  # > 0: keep every Nth chunk state for backward, recompute the rest (long sequences)
     memory_piece_len: int = 1024  # longer inputs run through each memory layer in pieces of this many tokens; 0: off
     conv_kernel: int = 4  # causal depthwise conv after q/k/v projections (§2.1); 0 disables it
@@ -53,11 +55,13 @@ class ModelConfig:
     segment_len: int = 64  # C: MAC segment length (Eqs. 21-25)
     n_persistent: int = 4  # N_p persistent memory tokens (Eq. 19)
     # MAC/MAG ⊗ (Eqs. 25, 28; A10): False = the gate alone, o = W(y ⊙ σ(RMSNorm(M))); True = the gate plus the
-    # memory output as its own residual branch, o = W(y ⊙ σ(RMSNorm(M))) + M (exploratory; see the commit log)
-    memory_residual: bool = False
+    # memory output as its own residual branch, o = W(y ⊙ σ(RMSNorm(M))) + M. True by default: through the gate
+    # alone the memory reaches the stream only via a sigmoid after a per-token norm, and MAC/MAG recall stayed at
+    # chance with it (docs/results.md, Recall)
+    memory_residual: bool = True
     # MAC Eq. 24 (A8): what the memory writes and reads: "attn" = the attention output y; "residual" =
     # RMSNorm(x + y), the residual stream after the attention sub-layer (keeps the token itself in the key)
-    mac_write: Literal["attn", "residual"] = "attn"
+    mac_write: Literal["attn", "residual"] = "residual"
     # MAC/MAG: initial scale of the weights that carry attention into the block: W of the gated branch
     # W(y ⊙ σ(·)) (both) and MAC's attention output projection (y, also written to the memory). 1 = PyTorch's
     # default init; 0 starts the block as its memory alone (with memory_residual and, for MAC,
@@ -77,6 +81,7 @@ class ModelConfig:
             ("memory_expansion", self.memory_expansion >= 1, "must be >= 1"),
             ("chunk_size", self.chunk_size >= 1, "must be >= 1"),
             ("theta_max", self.theta_max > 0, "must be > 0"),
+            ("eta_max", 0 < self.eta_max < 1, "must be in (0, 1)"),
             ("inner_clip", self.inner_clip >= 0, "must be >= 0 (0 disables the clamp)"),
             ("checkpoint_chunks", self.checkpoint_chunks >= 0, "must be >= 0 (0 disables checkpointing)"),
             ("memory_piece_len", self.memory_piece_len >= 0, "must be >= 0 (0 reads any length in one piece)"),
@@ -88,6 +93,13 @@ class ModelConfig:
             ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
             ("attn_branch_init", self.attn_branch_init >= 0, "must be >= 0 (0 starts the block as its memory alone)"),
         ])  # fmt: skip
+        if self.variant == "mac" and self.attn_branch_init == 0 and not self.memory_residual:
+            # With W and the attention output projection both zero, MAC's output W(y ⊙ σ(·)) is 0 and so are the
+            # gradients of W (through y = 0), of the projection (through W = 0) and of the memory: a dead block.
+            raise UsageError(
+                "model.attn_branch_init=0 with model.memory_residual=false makes every MAC block output zero with zero "
+                "gradient (it can never learn); set model.memory_residual=true or model.attn_branch_init > 0"
+            )
 
 
 Precision = Literal["32", "bf16"]

@@ -4,7 +4,8 @@ Glossary (paper symbols): M memory weights (an MLP per head, depth L_M), S surpr
 forget gate α_t (Eq. 13), `eta` momentum decay η_t (Eq. 14), `theta` inner learning rate θ_t (Eq. 14).
 
     q, k, v = l2norm(SiLU(conv(x W_Q))), l2norm(SiLU(conv(x W_K))), SiLU(conv(x W_V))   (§2.1, Eqs. 11, 15, A18)
-    α_t, η_t = sigmoid(x_t w + b);  θ_t = θ_max · sigmoid(x_t w_θ + b_θ)                  (A1, per token, per head)
+    α_t = sigmoid(x_t w_α + b_α);  η_t = η_max · sigmoid(x_t w_η + b_η)                  (A1, per token, per head)
+    θ_t = θ_max · sigmoid(x_t w_θ + b_θ) · (1 − η_t) / r_t                                 (docs/design.md §12)
     y_t = M_t(q_t) after writing k_t → v_t                                                (Eqs. 12-15)
     o_t = W_O(RMSNorm(y_t) ⊙ SiLU(x_t W_G))                                               (§2.6, A17)
 """
@@ -41,6 +42,34 @@ class CausalDepthwiseConv(nn.Module):
         return y, full[:, full.shape[1] - (self.kernel - 1) :]
 
 
+def key_overlap(k: Tensor, carried: Tensor | None, position: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Causal key overlap of every token with the earlier tokens of its chunk, r_j = Σ_{i ≤ j} (k_i·k_j)².
+
+    The chunked update takes all gradients of a chunk at its start, so b tokens with one key add up to one step b
+    times as large, which overshoots; dividing θ_j by r_j lets coinciding keys share one step while distinct keys
+    (r_j ≈ 1) keep theirs (docs/design.md §12). Only earlier keys of the chunk enter, so no output depends on a
+    later token.
+
+    Args:
+        k: `[B, H, T, D]` unit keys of this call.
+        carried: the keys already written in the current chunk (`MemoryState.keys`), or None at a chunk border.
+        position: tokens written before this call; chunks start at multiples of `chunk_size`.
+    Returns:
+        r `[B, H, T]` (≥ 1, float32 or wider) and the keys of the last, unfinished chunk to carry.
+    """
+    T, b = k.shape[2], chunk_size
+    offset = position % b
+    kk = k.to(torch.promote_types(k.dtype, torch.float32))
+    if offset and carried is not None:
+        kk = torch.cat([carried.to(kk.dtype), kk], dim=2)
+    n = kk.shape[2]
+    chunks = F.pad(kk, (0, 0, 0, (-n) % b)).unflatten(2, (-1, b))  # [B, H, n_chunks, b, D]; zero keys add 0
+    overlap = (chunks @ chunks.transpose(-1, -2)).square().tril().sum(-1).flatten(2)
+    start = n - T
+    end = (position + T) % b
+    return overlap[:, :, start : start + T].clamp(min=1.0), kk[:, :, n - end :].to(k.dtype)
+
+
 class NeuralMemory(nn.Module):
     """Multi-head neural long-term memory: `o, state = memory(x, state)` with x `[B, T, dim]`.
 
@@ -51,7 +80,13 @@ class NeuralMemory(nn.Module):
         expansion: hidden width of the memory MLP as a multiple of the head dim.
         activation: hidden activation of the memory MLP (silu, gelu, tanh).
         chunk_size: b, gradient-point refresh interval of the chunked update.
-        theta_max: upper bound of θ_t.
+        theta_max: upper bound of θ_t: with the default step scale, the most that one write moves M(k) towards v.
+        eta_max: upper bound of η_t (< 1, so that momentum always decays).
+        step_scale: "gram" (default) multiplies θ_t by (1 − η_t) / r_t, r_t the overlap of k_t with the earlier keys
+            of its chunk (`key_overlap`): momentum then averages the gradients instead of summing them, and keys that
+            coincide within a chunk share one step instead of adding b steps at the chunk-start weights, so no gate
+            value makes the update overshoot (docs/design.md §12). "chunk_momentum" divides by b instead of r_t
+            (bounded, but a single write is b times weaker); "none" is Eq. 14 as written.
         conv_kernel: short causal depthwise conv after the q/k/v projections (0 or 1 disables it).
         read: "inclusive" (M_t(q_t)) or "strict" (M_{t-1}(q_t)).
         kernel: memory-update path, see `titans_cli.ops.memory_update.memory_update`.
@@ -71,13 +106,15 @@ class NeuralMemory(nn.Module):
         expansion: int = 4,
         activation: str = "silu",
         chunk_size: int = 16,
-        theta_max: float = 0.1,
+        theta_max: float = 0.4,
         conv_kernel: int = 4,
         read: str = "inclusive",
         kernel: str = "torch",
-        inner_clip: float = 0.0,
+        inner_clip: float = 1.0,
         checkpoint_chunks: int = 0,
         piece_len: int = 1024,
+        eta_max: float = 0.9,
+        step_scale: str = "gram",
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -86,6 +123,7 @@ class NeuralMemory(nn.Module):
         self.activation, self.chunk_size, self.theta_max = activation, chunk_size, theta_max
         self.read, self.kernel, self.inner_clip = read, kernel, inner_clip
         self.checkpoint_chunks, self.piece_len = checkpoint_chunks, piece_len
+        self.eta_max, self.step_scale = eta_max, step_scale
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = CausalDepthwiseConv(3 * dim, conv_kernel)
         self.gates = nn.Linear(dim, 3 * heads)
@@ -157,12 +195,20 @@ class NeuralMemory(nn.Module):
         g = self.gates(x)
         g = torch.sigmoid(g.to(torch.promote_types(g.dtype, torch.float32))).transpose(1, 2)  # [B, 3H, T]
         alpha, eta, theta = g[:, : self.heads], g[:, self.heads : 2 * self.heads], g[:, 2 * self.heads :]
+        eta = self.eta_max * eta
+        theta = self.theta_max * theta
+        keys = None
+        if self.step_scale == "gram":
+            overlap, keys = key_overlap(k, state.keys, state.position, self.chunk_size)
+            theta = theta * (1.0 - eta) / overlap
+        elif self.step_scale == "chunk_momentum":
+            theta = theta * (1.0 - eta) / self.chunk_size
         y, new = memory_update(
-            q, k, v, alpha, eta, self.theta_max * theta, state,
+            q, k, v, alpha, eta, theta, state,
             chunk_size=self.chunk_size, activation=self.activation, read=self.read, kernel=self.kernel,
             clip=self.inner_clip, checkpoint_chunks=self.checkpoint_chunks,
         )  # fmt: skip
-        return self._output(y.to(x.dtype), x), dataclasses.replace(new, conv=tail)
+        return self._output(y.to(x.dtype), x), dataclasses.replace(new, conv=tail, keys=keys)
 
     def retrieve(self, x: Tensor, state: MemoryState, tail: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Read without writing, M*(q) with the state's current weights (Eq. 15; MAC's Eq. 21).

@@ -155,7 +155,8 @@ def _memory(cfg: ModelConfig) -> NeuralMemory:
         cfg.dim, cfg.heads, depth=cfg.memory_depth, expansion=cfg.memory_expansion,
         activation=cfg.memory_activation, chunk_size=cfg.chunk_size, theta_max=cfg.theta_max,
         conv_kernel=cfg.conv_kernel, read=cfg.read, kernel=cfg.kernel, inner_clip=cfg.inner_clip,
-        checkpoint_chunks=cfg.checkpoint_chunks, piece_len=cfg.memory_piece_len,
+        checkpoint_chunks=cfg.checkpoint_chunks, piece_len=cfg.memory_piece_len, eta_max=cfg.eta_max,
+        step_scale=cfg.step_scale,
     )  # fmt: skip
 
 

@@ -28,6 +28,8 @@ class MemoryState:
         position: number of tokens already written.
         conv: optional `[B, kernel-1, channels]` tail of the q/k/v projections for the causal short conv
             (used by `NeuralMemory`, not by the update op).
+        keys: optional `[B, H, m, D]` keys already written in the current chunk (m = position mod b), for the
+            key-overlap step scale of `NeuralMemory` (not used by the update op).
     """
 
     weights: tuple[Tensor, ...]
@@ -35,6 +37,7 @@ class MemoryState:
     anchor: tuple[Tensor, ...]
     position: int = 0
     conv: Tensor | None = None
+    keys: Tensor | None = None
 
     def detach(self) -> MemoryState:
         """The same state cut from the autograd graph (for truncated back-propagation or inference)."""
@@ -44,6 +47,7 @@ class MemoryState:
             anchor=tuple(a.detach() for a in self.anchor),
             position=self.position,
             conv=None if self.conv is None else self.conv.detach(),
+            keys=None if self.keys is None else self.keys.detach(),
         )
 
     @staticmethod

@@ -119,7 +119,7 @@ def test_missing_and_invalid_data(tmp_path):
     (tmp_path / "empty").mkdir()
     result = invoke("train", "--task", "recall", "--data", tmp_path / "empty", "--out", tmp_path / "r2", *TINY_MODEL)
     assert_one_line_error(result, 3, "manifest.json: missing")
-    assert not any((tmp_path / "r2").iterdir())  # a failed start leaves the run directory reusable
+    assert not (tmp_path / "r2").exists()  # a failed start creates nothing
     assert_one_line_error(invoke("eval", "--run", tmp_path / "nope"), 2, "no such run directory")
 
 

@@ -56,7 +56,9 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
             "only use checkpoints written by titans"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        # torch's messages run to several sentences of advice; the first one says what is wrong.
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else "empty or truncated file"
+        raise DataError(f"{path}: not a readable checkpoint ({first}); use a checkpoint written by titans") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise DataError(f"{path}: not a titans checkpoint (missing keys: {', '.join(REQUIRED_KEYS)})")
     if ckpt["format"] != FORMAT:

@@ -125,6 +125,15 @@ def check_output_path(path: Path, flag: str, *, directory: bool = False) -> None
         raise UsageError(f"{flag} {path}: cannot write in {ancestor} ({err.strerror}); choose another {flag}") from None
 
 
+def check_output_file(path: Path, flag: str, inputs: dict[str, Path | None]) -> None:
+    """`check_output_path` for a file, which must also not be one of the command's `inputs` ({flag: path}):
+    writing the result over the file being read would destroy it."""
+    check_output_path(path, flag)
+    for other_flag, other in inputs.items():
+        if other is not None and path.resolve() == other.resolve():  # resolve(): symlinks and ../ too
+            raise UsageError(f"{flag} {path}: is also {other_flag}; choose another {flag} (it would be overwritten)")
+
+
 def first_missing(path: Path) -> Path | None:
     """The outermost directory that creating `path` (with parents) would create; None if `path` exists."""
     path = path.absolute()
@@ -236,14 +245,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting it and setting it back: there is no getter)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -2,7 +2,8 @@
 
 Windows slide with stride 1 over the splits of `titans prepare timeseries`; validation and test inputs borrow
 their first `lookback` rows from the preceding split; values are z-scored with the training statistics stored
-in the manifest and the checkpoint (never refitted). Loss: MSE on the z-scored scale. Every validation and test
+in the manifest and the checkpoint (never refitted). Loss: `task.loss` (MSE by default) on the z-scored scale; early
+stopping and reports always use MSE. Every validation and test
 window counts once (sums and counts; `titans_cli.metrics`). `--horizon 96,192,336,720` trains one model per
 horizon (`sub_runs`) and `summarize` averages them (Table 3). `forecast_file` forecasts past the end of a file.
 """
@@ -31,14 +32,17 @@ from titans_cli.metrics import ErrorSums, mase_scale, naive_forecast, seasonal_n
 class ForecastConfig:
     """The `[task]` section of a forecast run."""
 
-    model: Literal["titans", "dlinear"] = "titans"  # dlinear: the linear baseline through the same pipeline
+    # titans, or a peer through the same splits, scaler, windows, early stopping and metrics (forecast_models)
+    model: Literal["titans", "dlinear", "rlinear", "patchtst"] = "titans"
     lookback: int = 96  # L (spec §6.2)
     horizon: tuple[int, ...] = (96,)  # H; several values train one model each plus their average (Table 3)
-    layout: Literal["patch", "time"] = "patch"  # token layout of the Titans forecaster (A12)
-    patch_len: int = 16  # PatchTST's patch geometry
+    layout: Literal["patch", "time", "variate"] = "patch"  # token layout of the Titans forecaster (A12)
+    patch_len: int = 16  # PatchTST's patch geometry (Titans layout "patch" and PatchTST)
     patch_stride: int = 8
-    revin: bool = False  # reversible instance normalisation; off: better ETTh1 validation MSE at H = 96 and 336
+    revin: bool = False  # reversible instance normalisation (Titans, DLinear; RLinear and PatchTST always use it)
     head_dropout: float = 0.0
+    skip: bool = False  # Titans: a linear lookback -> horizon map added to the head (docs/forecasting.md)
+    loss: Literal["mse", "mae", "huber"] = "mse"  # training loss; early stopping and reports use MSE regardless
     moving_avg: int = 25  # DLinear's trend kernel
 
     def __post_init__(self) -> None:
@@ -62,6 +66,15 @@ class ForecastConfig:
         if len(self.horizon) != 1:
             raise UsageError(f"task.horizon {self.horizon}: one model per horizon; use sub_runs()")
         return self.horizon[0]
+
+
+# Training losses on the z-scored scale. Huber with delta 1: quadratic for small errors, linear beyond one
+# standard deviation, so rare spikes pull less than under MSE.
+LOSSES = {
+    "mse": nn.functional.mse_loss,
+    "mae": nn.functional.l1_loss,
+    "huber": nn.functional.huber_loss,
+}
 
 
 class WindowDataset(Dataset):
@@ -167,11 +180,12 @@ class ForecastTask:
         # Which output channels are scored (MS: only the target); a buffer, so it follows .to(device).
         idx = [meta["input_columns"].index(c) for c in meta["target_columns"]]
         model.register_buffer("target_idx", torch.tensor(idx), persistent=False)
+        model.loss_name = cfg.task.loss
         return model
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         pred = model(batch["x"]).index_select(2, model.target_idx)
-        return nn.functional.mse_loss(pred, batch["y"])
+        return LOSSES[model.loss_name](pred.float(), batch["y"])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, meta: dict[str, Any]) -> dict[str, Any]:

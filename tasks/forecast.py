@@ -133,7 +133,7 @@ def window_datasets(
             rows = borders[name][1] - borders[name][0]
             raise DataError(
                 f"{data_dir}: split {name!r} has {rows} rows: no window of lookback {lookback} + horizon {horizon} "
-                "fits; use a smaller --lookback/--horizon or prepare with another --split"
+                "fits; use a smaller --lookback/--horizon or another split (`titans prepare timeseries --split ...`)"
             )
         first = borders[name][0] - (0 if name == "train" else lookback)
         datasets[name] = WindowDataset(values, range(first, first + counts[name]), lookback, horizon, target_idx)

@@ -96,11 +96,11 @@ def classify(
         raise UsageError("--batch-size must be >= 1")
     beds = {f"--bed {b}": Path(b.rsplit(":", 1)[0]) for b in bed or []}
     check_output_file(out, "--out", {"--input": input_path, "--fasta": fasta, **beds})
+    rows = read_input(input_path, fasta, bed or [], label_regex, length, crop)  # input errors before the model loads
     loaded = load_run(run, which=checkpoint, device=resolve_device(device))
     if loaded.task.name != "dna":
-        other = "titans forecast" if loaded.task.name == "forecast" else "titans eval"
+        other = "`titans forecast`" if loaded.task.name == "forecast" else "`titans eval`"
         raise UsageError(f"--run {run} is a {loaded.task.name!r} run; classify needs a dna run (try {other})")
-    rows = read_input(input_path, fasta, bed or [], label_regex, length, crop)
     classes = loaded.meta["classes"]
     seqs = rows["sequence"].to_list()
     piece = getattr(loaded.model, "piece_len", 0)

@@ -43,6 +43,9 @@ class ForecastConfig:
     head_dropout: float = 0.0
     skip: bool = False  # Titans: a linear lookback -> horizon map added to the head (docs/forecasting.md)
     loss: Literal["mse", "mae", "huber"] = "mse"  # training loss; early stopping and reports use MSE regardless
+    # Rows of history before each window that the Titans memory reads first (training and evaluation; the
+    # first `context` training rows then only serve as history). 0: the window alone. Issue 10 §5.
+    context: int = 0
     moving_avg: int = 25  # DLinear's trend kernel
 
     def __post_init__(self) -> None:
@@ -54,6 +57,7 @@ class ForecastConfig:
             ("patch_stride", self.patch_stride >= 1, "must be >= 1"),
             ("head_dropout", 0 <= self.head_dropout < 1, "must be in [0, 1)"),
             ("moving_avg", self.moving_avg >= 1, "must be >= 1"),
+            ("context", self.context >= 0, "must be >= 0 (0: the window alone)"),
         ]
         if self.layout == "patch" and self.model == "titans":
             ok = (self.lookback - self.patch_len) % max(1, self.patch_stride) == 0
@@ -78,24 +82,27 @@ LOSSES = {
 
 
 class WindowDataset(Dataset):
-    """Sliding windows over one z-scored array: x = rows [s, s+L), y = target rows [s+L, s+L+H).
+    """Sliding windows over one z-scored array: x = rows [s - context, s+L), y = target rows [s+L, s+L+H).
 
     Args:
         values: [N, C] z-scored float32 array of the input channels.
-        starts: the window starts s (each window counted once).
+        starts: the window starts s (each window counted once); s >= context.
         target_idx: columns of `values` the model is scored on.
+        context: rows of history before the window included in x (inputs only, never a target).
     """
 
-    def __init__(self, values: Tensor, starts: range, lookback: int, horizon: int, target_idx: list[int]):
+    def __init__(
+        self, values: Tensor, starts: range, lookback: int, horizon: int, target_idx: list[int], context: int = 0
+    ):
         self.values, self.starts, self.lookback, self.horizon = values, starts, lookback, horizon
-        self.target_idx = torch.tensor(target_idx)
+        self.target_idx, self.context = torch.tensor(target_idx), context
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, i: int) -> Batch:
         s = self.starts[i]
-        x = self.values[s : s + self.lookback]
+        x = self.values[s - self.context : s + self.lookback]
         y = self.values[s + self.lookback : s + self.lookback + self.horizon].index_select(1, self.target_idx)
         return {"x": x, "y": y, "index": torch.tensor(i)}
 
@@ -114,11 +121,12 @@ def _normalize(frame: pl.DataFrame, columns: list[str], scaler: dict[str, Any]) 
 
 
 def window_datasets(
-    data_dir: Path, lookback: int, horizon: int, scaler: dict[str, Any] | None = None
+    data_dir: Path, lookback: int, horizon: int, scaler: dict[str, Any] | None = None, context: int = 0
 ) -> tuple[dict[str, WindowDataset], dict[str, Any], Tensor]:
     """Window datasets for train/val/test, the manifest, and the z-scored training rows [N_train, C].
 
-    `scaler` (from a checkpoint) overrides the manifest's statistics: evaluation never refits them.
+    `scaler` (from a checkpoint) overrides the manifest's statistics: evaluation never refits them. With
+    `context`, each x starts `context` rows earlier; training windows then start at row `context`.
     """
     manifest = ts.read_manifest(data_dir)
     frames = ts.load_splits(data_dir, manifest)
@@ -127,16 +135,21 @@ def window_datasets(
     values = _normalize(pl.concat([frames[n] for n in ts.SPLITS]), inputs, scaler or manifest["scaler"])
     borders = manifest["split"]["borders"]
     counts = ts.window_counts(borders, lookback, horizon)
+    counts["train"] -= context  # the first `context` training rows are history only
     datasets = {}
     for name in ts.SPLITS:
         if counts[name] < 1:
             rows = borders[name][1] - borders[name][0]
             raise DataError(
                 f"{data_dir}: split {name!r} has {rows} rows: no window of lookback {lookback} + horizon {horizon} "
-                "fits; use a smaller --lookback/--horizon or another split (`titans prepare timeseries --split ...`)"
+                f"(+ context {context}) fits; use a smaller --lookback/--horizon or another split "
+                "(`titans prepare timeseries --split ...`)"
             )
-        first = borders[name][0] - (0 if name == "train" else lookback)
-        datasets[name] = WindowDataset(values, range(first, first + counts[name]), lookback, horizon, target_idx)
+        first = borders[name][0] + context if name == "train" else borders[name][0] - lookback
+        if first - context < 0:
+            raise DataError(f"{data_dir}: split {name!r} starts at row {first}: no room for {context} context rows")
+        windows = range(first, first + counts[name])
+        datasets[name] = WindowDataset(values, windows, lookback, horizon, target_idx, context)
     return datasets, manifest, values[: borders["train"][1]]
 
 
@@ -151,7 +164,7 @@ class ForecastTask:
     def load(self, cfg: Any, data_dir: Path) -> TaskData:
         """Windows of the prepared folder; `meta` keeps columns, scaler, frequency and window counts."""
         t = cfg.task
-        datasets, manifest, _ = window_datasets(Path(data_dir), t.lookback, t.pred_len)
+        datasets, manifest, _ = window_datasets(Path(data_dir), t.lookback, t.pred_len, context=t.context)
         meta = {
             "task": "forecast",
             "date_col": manifest["date_col"],
@@ -251,7 +264,9 @@ class ForecastTask:
         if split not in ts.SPLITS:
             raise UsageError(f"--split {split!r}: choose train, val or test")
         data_dir = Path(data_dir or loaded.cfg.run.data)
-        datasets, manifest, train_rows = window_datasets(data_dir, t.lookback, t.pred_len, scaler=meta["scaler"])
+        datasets, manifest, train_rows = window_datasets(
+            data_dir, t.lookback, t.pred_len, scaler=meta["scaler"], context=t.context
+        )
         if manifest["input_columns"] != meta["input_columns"] or manifest["target_columns"] != meta["target_columns"]:
             raise DataError(
                 f"{data_dir}: columns {manifest['input_columns']} -> {manifest['target_columns']} differ from the "

@@ -57,12 +57,16 @@ def _run_backbone(backbone: nn.Module, tokens: Tensor, n_head: int, piece: int) 
     """Hidden states of the last `n_head` tokens; earlier tokens only update the memory state.
 
     tokens [B, N, d] with N ≥ n_head; the prefix is fed in pieces of `piece` tokens with the carried state,
-    which equals one call on the whole sequence (backbone contract) at bounded memory.
+    which equals one call on the whole sequence (backbone contract) at bounded memory. The prefix runs without
+    gradients (truncated backpropagation through the carried state): training with `task.context` teaches the
+    weights to read a state written by earlier rows at the cost of a forward pass over them, and the write
+    weights still learn from the window's own tokens.
     """
     prefix = tokens.shape[1] - n_head
     state = None
-    for start in range(0, prefix, piece):
-        _, state = backbone(tokens[:, start : min(start + piece, prefix)], state)
+    with torch.no_grad():
+        for start in range(0, prefix, piece):
+            _, state = backbone(tokens[:, start : min(start + piece, prefix)], state)
     out, _ = backbone(tokens[:, prefix:], state)
     return out
 
@@ -76,7 +80,7 @@ class TitansForecaster(nn.Module):
         channels: input channels C (the model also forecasts C channels; the task picks targets).
         lookback: L; horizon: H.
         layout: "patch" (channel-independent patch tokens), "time" (one token per time step) or "variate" (one
-            token per channel; reads only the last L rows, so a longer context is not used).
+            token per channel and L-row block: a longer context is read block by block, C tokens each).
         patch_len, patch_stride: patch geometry (layout "patch"); L − patch_len must be a multiple of the stride.
         revin: reversible instance normalisation on inputs and outputs.
         head_dropout: dropout before the head.
@@ -149,8 +153,13 @@ class TitansForecaster(nn.Module):
             per_step = self.head_proj(self.dropout(hidden))  # [B, L, C]
             y = self.head(per_step.transpose(1, 2)).transpose(1, 2)
         else:
-            # The channels are the tokens: a fixed order, read causally by the memory, one lookback each.
-            hidden, _ = self.backbone(self.embed(x[:, -self.lookback :, :].transpose(1, 2)))
+            # The channels are the tokens: a fixed order, read causally by the memory, one lookback each. Earlier
+            # rows come as whole L-row blocks aligned to the end (a partial first block is dropped), each block's
+            # C tokens in time order, so the memory reads the history as a sequence of channel summaries.
+            blocks = t // self.lookback
+            rows = x[:, t - blocks * self.lookback :, :].reshape(b, blocks, self.lookback, c)
+            tokens = self.embed(rows.transpose(2, 3)).reshape(b, blocks * c, -1)
+            hidden = _run_backbone(self.backbone, tokens, c, self.piece)
             y = self.head(self.dropout(hidden)).transpose(1, 2)
         if self.skip is not None:
             y = y + self.skip(x[:, -self.lookback :, :].transpose(1, 2)).transpose(1, 2)

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.forecast import LOSSES, ForecastConfig
+from data_recipes import timeseries as ts
+from tasks.forecast import LOSSES, ForecastConfig, window_datasets
 from tasks.forecast_models import DLinear, PatchTST, RevIN, RLinear, TitansForecaster, build_forecaster
+from tests.fixtures.timeseries import write_ett_slice
 from titans_cli.config import ModelConfig
 from titans_cli.model import Titans
 
@@ -72,6 +74,19 @@ def test_variate_tokens_are_read_causally_across_channels():
         moved = (model(later) - y).abs().amax(dim=(0, 1))
     assert y.shape == (2, 6, 4)
     assert torch.all(moved[:2] == 0) and torch.all(moved[2:] > 0)
+
+
+def test_context_windows_carry_history_before_the_window(tmp_path):
+    src = write_ett_slice(tmp_path / "s.csv", 400)
+    ts.prepare(src, tmp_path / "p", lookback=24, horizon=12)  # ratio split: 280 / 40 / 80 rows
+    plain, _, _ = window_datasets(tmp_path / "p", 24, 12)
+    longer, _, _ = window_datasets(tmp_path / "p", 24, 12, context=48)
+    assert len(longer["train"]) == len(plain["train"]) - 48  # the first 48 training rows are history only
+    assert longer["train"].starts[0] == 48 and len(longer["test"]) == len(plain["test"])
+    for split, i in (("train", 0), ("val", 0), ("test", len(plain["test"]) - 1)):
+        a = longer[split][i]
+        b = plain[split][i + 48 if split == "train" else i]
+        assert a["x"].shape == (72, 7) and torch.equal(a["x"][-24:], b["x"]) and torch.equal(a["y"], b["y"])
 
 
 def test_skip_adds_a_linear_forecast_beside_the_head():

@@ -1,11 +1,18 @@
-"""Benchmark: the Table 3 protocol (spec §6.2) for Titans and DLinear in one run, one JSON line per result.
+"""Benchmark: the long-horizon protocol for Titans and its peers in one harness, ending with one table.
 
-Lookback 96; one model per horizon in 96, 192, 336, 720; test MSE/MAE on the z-scored scale from the best
-validation checkpoint; each (dataset, model) ends with the four-horizon average beside the paper's numbers.
+Datasets (bundled in `data/`): ETTh1 and ETTm1 (12/4/4-month borders, lookback 96, horizons 96/192/336/720) and
+ILI (70/10/20 split, lookback 36, horizons 24/36/48/60). Models: `titans` and the peers `patchtst`, `rlinear`,
+`dlinear` (tasks/forecast_models.py), all through the same splits, scaler, windows, early stopping on validation
+MSE and metrics. One model per (dataset, model, horizon); test MSE/MAE on the z-scored scale of the best
+validation checkpoint; each (dataset, model) gets its horizon average and wall time. One JSON line per result
+goes to stderr and `OUT/results.jsonl`; the table (markdown) goes to stdout at the end.
 
-    python bench/forecast.py --data-root ../shared/data --datasets ETTh1 --out runs/bench
+    python bench/forecast.py --datasets ETTh1,ETTm1,ILI --models titans,patchtst,rlinear,dlinear
+    python bench/forecast.py --quick          # seconds: a smoke run of every dataset and model
+    python bench/forecast.py --val-only ...   # model selection: validation metrics only, test never evaluated
 
-ETTh1 is also bundled in `data/ETTh1`; ETTm1 is read from `--data-root` (`ETTm1/ETTm1.csv.gz`).
+Training settings per model come from the `forecast_paper` preset (Titans) and `PEER_SETS`; per dataset from
+`DATASETS` (lookback, horizons, patch geometry, evaluation cadence); `--set`/`--titans-set`/... override last.
 """
 
 from __future__ import annotations
@@ -18,53 +25,145 @@ import time
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_recipes import timeseries as ts  # noqa: E402
-from tasks.forecast import TASK, window_datasets  # noqa: E402
-from tasks.presets import forecast_paper  # noqa: E402
+from tasks.forecast import TASK, ForecastTask, window_datasets  # noqa: E402
+from tasks.presets import forecast_paper, forecast_tiny  # noqa: E402
 from titans_cli.checkpoint import load_run  # noqa: E402
 from titans_cli.config import RunConfig, load_config  # noqa: E402
 from titans_cli.metrics import ErrorSums  # noqa: E402
 from titans_cli.train import run as train_run  # noqa: E402
+
+MODELS = ("titans", "patchtst", "rlinear", "dlinear")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    file: str  # under --data-root
+    split: str  # titans prepare --split
+    lookback: int
+    horizons: tuple[int, ...]
+    patch: tuple[int, int] = (16, 8)  # patch length and stride (Titans "patch" layout, PatchTST)
+    sets: tuple[str, ...] = ()  # --set overrides for every model on this dataset
+
+
+DATASETS = {
+    "ETTh1": Dataset("ETTh1/ETTh1.csv", "ett-hourly", 96, (96, 192, 336, 720)),
+    # 34k training windows, 1,070 steps of batch 32 per epoch: validating every 250 steps lets early stopping
+    # end a run inside its first epochs instead of after whole ones.
+    "ETTm1": Dataset("ETTm1/ETTm1.csv.gz", "ett-minute", 96, (96, 192, 336, 720), sets=("train.eval_every=250",)),
+    # 600 training windows: 19 steps per epoch, so more epochs; patches of 12 rows every 6 fit a lookback of 36.
+    "ILI": Dataset(
+        "ILI/national_illness.csv",
+        "ratio:0.7,0.1,0.2",
+        36,
+        (24, 36, 48, 60),
+        patch=(12, 6),
+        sets=("train.epochs=30", "train.patience=5"),
+    ),
+}
+
+# Peers: the harness's optimiser (AdamW, warm-up + cosine, batch 32) and early stopping; their own sizes
+# (forecast_models). RLinear and PatchTST always use RevIN; DLinear as published, without.
+PEER_SETS = {
+    "dlinear": ("task.revin=false", "task.skip=false", "task.loss=mse"),
+    "rlinear": ("task.skip=false", "task.loss=mse"),
+    "patchtst": ("task.skip=false", "task.loss=mse"),
+    "titans": (),
+}
 
 # Test MSE / MAE averaged over the four horizons (spec §6.3, Table 3).
 PAPER = {
     "ETTh1": {"titans": (0.420, 0.421), "simba": (0.441, 0.432), "dlinear": (0.456, 0.452)},
     "ETTm1": {"titans": (0.358, 0.387), "simba": (0.383, 0.396), "dlinear": (0.403, 0.407)},
 }
-FILES = {"ETTh1": ("ETTh1/ETTh1.csv", "ett-hourly"), "ETTm1": ("ETTm1/ETTm1.csv.gz", "ett-minute")}
 
 
-def emit(record: dict[str, Any]) -> None:
-    print(json.dumps(record), flush=True)
+def log(record: dict[str, Any], out: Path | None = None) -> None:
+    line = json.dumps(record)
+    print(line, file=sys.stderr, flush=True)
+    if out is not None:
+        with open(out / "results.jsonl", "a") as f:
+            f.write(line + "\n")
 
 
-def prepare(data_root: Path, name: str, out: Path) -> Path:
-    rel, split = FILES[name]
-    src = data_root / rel
-    if name == "ETTh1" and not src.exists():
-        src = REPO / "data" / "ETTh1" / "ETTh1.csv"
-    target = out / "prepared" / name
+def prepare(data_root: Path, name: str, out: Path, rows: int = 0) -> Path:
+    """Prepared folder of dataset `name` under `out/prepared` (reused when present). `rows` > 0 keeps only the
+    first rows with a 70/10/20 split (--quick)."""
+    spec = DATASETS[name]
+    src = data_root / spec.file
+    target = out / "prepared" / (f"{name}-{rows}" if rows else name)
     if not (target / ts.MANIFEST).exists():
-        ts.prepare(src, target, split=split)
+        split = spec.split
+        if rows:
+            head = out / "prepared" / f"{name}-{rows}.csv"
+            head.parent.mkdir(parents=True, exist_ok=True)
+            pl.read_csv(src, infer_schema=False).head(rows).write_csv(head)
+            src, split = head, "ratio:0.7,0.1,0.2"
+        horizon = spec.horizons[0] if rows else max(spec.horizons)
+        ts.prepare(src, target, split=split, lookback=spec.lookback, horizon=horizon)
     return target
 
 
-def config_for(model: str, data: Path, horizon: int, sets: list[str]) -> RunConfig:
-    """The `forecast_paper` preset for one horizon; `model` picks Titans or DLinear; `--set` overrides last."""
+def config_for(model: str, dataset: str, data: Path, horizon: int, sets: list[str], quick: bool = False) -> RunConfig:
+    """The `forecast_paper` preset for one (dataset, model, horizon); `--set` overrides come last.
+
+    Order of the overrides: dataset, model (PEER_SETS), the caller's. `quick` starts from the `forecast_tiny`
+    model and trains a few steps.
+    """
     base = forecast_paper()
+    if quick:
+        tiny = forecast_tiny()
+        base = dataclasses.replace(base, model=tiny.model, train=dataclasses.replace(base.train, max_steps=3))
+    spec = DATASETS[dataset]
     base = dataclasses.replace(
         base,
         run=dataclasses.replace(base.run, data=str(data)),
         task=dataclasses.replace(
-            base.task, model=model, horizon=(horizon,), revin=base.task.revin and model != "dlinear"
+            base.task,
+            model=model,
+            lookback=spec.lookback,
+            horizon=(horizon,),
+            patch_len=spec.patch[0],
+            patch_stride=spec.patch[1],
         ),
     )
-    return load_config(resolve_task=lambda _n: type(base.task), preset=base, preset_name="forecast_paper", sets=sets)
+    every = [*spec.sets, *PEER_SETS[model], *sets]
+    if quick:
+        every.append("train.eval_every=0")
+    return load_config(resolve_task=lambda _n: type(base.task), preset=base, preset_name="forecast_paper", sets=every)
+
+
+class _ValidationOnly(ForecastTask):
+    """The forecast task without its test split: selection runs never compute a test metric."""
+
+    def load(self, cfg: Any, data_dir: Path) -> Any:
+        return dataclasses.replace(super().load(cfg, data_dir), test=None)
+
+
+def table(rows: list[dict[str, Any]], metric: str) -> str:
+    """Markdown: one row per (dataset, model), one column per horizon, then the average and wall time."""
+    lines = []
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == name]
+        horizons = sorted({h for r in mine for h in r["per"]})
+        lines += [
+            "",
+            f"| {name} ({metric}) | " + " | ".join(f"H {h}" for h in horizons) + " | average | wall |",
+            "|---" * (len(horizons) + 3) + "|",
+        ]
+        for r in mine:
+            cells = [f"{r['per'][h][0]:.4f} / {r['per'][h][1]:.4f}" if h in r["per"] else "" for h in horizons]
+            avg = r["average"]
+            lines.append(
+                f"| {r['model']} | " + " | ".join(cells) + f" | **{avg[0]:.4f} / {avg[1]:.4f}** | {r['wall_s']:.0f} s |"
+            )
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -98,64 +197,81 @@ def context_check(run: Path, cutoffs: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--datasets", default="ETTh1", help="comma list of ETTh1, ETTm1")
-    parser.add_argument("--models", default="titans,dlinear")
-    parser.add_argument("--horizons", default="96,192,336,720")
+    parser.add_argument("--data-root", type=Path, default=REPO / "data")
+    parser.add_argument("--datasets", default="ETTh1,ETTm1,ILI", help=f"comma list of {', '.join(DATASETS)}")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--horizons", default="all", help="all, short (each dataset's first), or a comma list")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-forecast")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value (all models)")
-    parser.add_argument("--titans-set", action="append", default=[], help="section.key=value for Titans only")
-    parser.add_argument("--dlinear-set", action="append", default=[], help="section.key=value for DLinear only")
+    for model in MODELS:
+        parser.add_argument(f"--{model}-set", action="append", default=[], help=f"section.key=value for {model}")
+    parser.add_argument("--val-only", action="store_true", help="selection: never evaluate the test split")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1,200 rows, tiny Titans, 3 steps, short H")
     parser.add_argument("--context-check", type=Path, help="only compare --context window/all on this trained run")
     parser.add_argument("--cutoffs", type=int, default=20, help="test windows for --context-check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.context_check is not None:
-        emit(context_check(args.context_check, args.cutoffs))
+        log(context_check(args.context_check, args.cutoffs))
         return
-    horizons = [int(h) for h in args.horizons.split(",")]
+    unknown = [n for n in args.datasets.split(",") if n not in DATASETS]
+    unknown += [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown dataset or model {unknown[0]!r}; datasets {list(DATASETS)}, models {list(MODELS)}")
+    args.out = args.out.resolve()  # run.data is read relative to the run directory otherwise
+    args.out.mkdir(parents=True, exist_ok=True)
+    task = _ValidationOnly() if args.val_only else TASK
+    split = "val" if args.val_only else "test"
+    rows: list[dict[str, Any]] = []
+    started_all = time.perf_counter()
     for name in args.datasets.split(","):
-        data = prepare(args.data_root, name, args.out)
+        spec = DATASETS[name]
+        data = prepare(args.data_root, name, args.out, rows=1200 if args.quick else 0)
+        if args.horizons == "all" and not args.quick:
+            horizons = list(spec.horizons)
+        elif args.horizons in ("short", "all"):
+            horizons = [spec.horizons[0]]
+        else:
+            horizons = [int(h) for h in args.horizons.split(",")]
         for model in args.models.split(","):
-            per: dict[int, dict[str, Any]] = {}
+            per: dict[int, tuple[float, float]] = {}
             started = time.perf_counter()
-            extra = args.titans_set if model == "titans" else args.dlinear_set
+            extra = args.sets + getattr(args, f"{model}_set")
             for h in horizons:
-                cfg = config_for(model, data, h, args.sets + extra)
+                cfg = config_for(model, name, data, h, extra, quick=args.quick)
                 t0 = time.perf_counter()
-                result = train_run(cfg, TASK, args.out / name / model / f"h{h}", overwrite=True, quiet=True)
-                per[h] = {
-                    "dataset": name,
-                    "model": model,
-                    "horizon": h,
-                    "test_mse": result["test"]["mse_norm"],
-                    "test_mae": result["test"]["mae_norm"],
-                    "val_mse": result["val"]["mse_norm"],
-                    "val_mae": result["val"]["mae_norm"],
-                    "steps": result["steps"],
-                    "best_step": result["best_step"],
-                    "stopped_early": result["stopped_early"],
-                    "wall_s": round(time.perf_counter() - t0, 1),
-                }
-                emit(per[h])
-            avg = {
-                k: sum(r[k] for r in per.values()) / len(per) for k in ("test_mse", "test_mae", "val_mse", "val_mae")
-            }
-            record = {
-                "dataset": name,
-                "model": model,
-                "horizons": horizons,
-                "average": avg,
-                "wall_s": round(time.perf_counter() - started, 1),
-                "config": {"sets": args.sets + extra},
-            }
-            if len(horizons) == 4 and name in PAPER:
+                result = train_run(cfg, task, args.out / name / model / f"h{h}", overwrite=True, quiet=True)
+                scored = result["val"] if args.val_only else result["test"]
+                per[h] = (scored["mse_norm"], scored["mae_norm"])
+                log(
+                    {
+                        "dataset": name,
+                        "model": model,
+                        "horizon": h,
+                        "split": split,
+                        "mse": per[h][0],
+                        "mae": per[h][1],
+                        "val_mse": result["val"]["mse_norm"],
+                        "val_mae": result["val"]["mae_norm"],
+                        "steps": result["steps"],
+                        "best_step": result["best_step"],
+                        "stopped_early": result["stopped_early"],
+                        "wall_s": round(time.perf_counter() - t0, 1),
+                    },  # fmt: skip
+                    args.out,
+                )
+            average = tuple(sum(v[i] for v in per.values()) / len(per) for i in (0, 1))
+            row = {"dataset": name, "model": model, "per": per, "average": average}
+            row["wall_s"] = round(time.perf_counter() - started, 1)
+            record = {"dataset": name, "model": model, "split": split, "horizons": horizons, "average": average}
+            record |= {"wall_s": row["wall_s"], "sets": extra}
+            if len(horizons) == 4 and name in PAPER and not args.val_only:
                 record["paper"] = {k: {"mse": v[0], "mae": v[1]} for k, v in PAPER[name].items()}
-                record["beats_paper_dlinear_mse"] = avg["test_mse"] < PAPER[name]["dlinear"][0]
-                record["beats_simba_mse"] = avg["test_mse"] < PAPER[name]["simba"][0]
-                record["reaches_paper_titans_mse"] = avg["test_mse"] <= PAPER[name]["titans"][0]
-            emit(record)
+            log(record, args.out)
+            rows.append(row)
+    print(table(rows, f"{split} MSE / MAE"))
+    print(f"\nwall time {time.perf_counter() - started_all:.0f} s, {args.threads} threads")
 
 
 if __name__ == "__main__":

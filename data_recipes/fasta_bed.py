@@ -98,6 +98,7 @@ def read_regions(
     anchor: Anchor = "center",
     skip_invalid: bool = False,
     require_label: bool = True,
+    skip_hint: bool = True,
 ) -> tuple[pl.DataFrame, int]:
     """Extract every BED interval from the reference.
 
@@ -108,6 +109,7 @@ def read_regions(
         length: resize each interval to this many bases around `anchor` before extraction.
         skip_invalid: drop intervals with start >= end or outside their contig instead of failing.
         require_label: refuse intervals without a label (prepare); classify passes False.
+        skip_hint: an invalid interval's error suggests `--skip-invalid` (only `titans prepare dna` has it).
 
     Returns:
         (raw rows with coordinates and + strand sequences in BED order, number of skipped intervals).
@@ -134,7 +136,7 @@ def read_regions(
             resized = f" (resized to {start}-{end} by --length {length})" if length is not None else ""
             raise DataError(
                 f"{iv.where}: interval {iv.chrom}:{iv.start}-{iv.end}{resized} is empty or outside the contig "
-                f"(length {size}); fix it or pass --skip-invalid to drop such intervals"
+                f"(length {size}); fix it" + (" or pass --skip-invalid to drop such intervals" if skip_hint else "")
             )
         rows["id"].append(iv.id)
         rows["sequence"].append(str(handle[iv.chrom][start:end]))  # BED and pyfaidx: 0-based half-open

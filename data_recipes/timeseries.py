@@ -10,6 +10,7 @@ borders, so the splits do not depend on the lookback.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -161,7 +162,23 @@ def _to_float(raw: pl.Series, path: Path) -> pl.Series:
     return values
 
 
-def _fill(values: pl.Series, path: Path, fill: Fill) -> tuple[pl.Series, int]:
+# The model computes in float32: a value beyond its range (or inf) cannot be scaled or fed to it; inf would also
+# turn the scaler's mean and std into NaN, which the manifest could only store as null.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_range(values: pl.Series, path: Path) -> None:
+    bad = values.is_not_null() & values.is_not_nan() & (values.abs() > _FLOAT32_MAX)
+    if bad.any():
+        row = int(bad.arg_max())
+        raise DataError(
+            f"{path}: column {values.name!r}, {_where(path, row)}: value {values[row]!r} is outside the float32 "
+            "range the model computes in (|x| <= 3.4e38); fix the cell or rescale the column"
+        )
+
+
+def _fill(values: pl.Series, path: Path, fill: Fill, fill_hint: bool = False) -> tuple[pl.Series, int]:
+    _check_range(values, path)
     missing = values.is_null() | values.is_nan()
     n_missing = int(missing.sum())
     if n_missing == 0:
@@ -170,7 +187,7 @@ def _fill(values: pl.Series, path: Path, fill: Fill) -> tuple[pl.Series, int]:
     if fill == "error":
         raise DataError(
             f"{path}: column {values.name!r}, {_where(path, first)}: missing value ({n_missing} in the column); "
-            "fix the file or pass --fill forward|interpolate"
+            + ("fix the file or pass --fill forward|interpolate" if fill_hint else "fill or drop those rows first")
         )
     clean = values.fill_nan(None)
     filled = clean.fill_null(strategy="forward") if fill == "forward" else clean.interpolate()
@@ -209,6 +226,7 @@ def read_series(
     value_col: str = "y",
     columns: list[str] | None = None,
     fill: Fill = "error",
+    fill_hint: bool = False,
 ) -> SeriesFrame:
     """Read and validate a series file: dates parse, strictly increase on a regular grid, values are numbers.
 
@@ -218,6 +236,7 @@ def read_series(
         date_col: the date column; default "date" (wide) or "ds" (long).
         columns: keep exactly these channels in this order (a `DataError` names a missing one); default all.
         fill: what to do with missing values: "error" (default), "forward" or "interpolate".
+        fill_hint: a missing-value error suggests `--fill` (only `titans prepare timeseries` has that option).
 
     Returns:
         A `SeriesFrame` whose frame has the date column then one Float64 column per channel.
@@ -228,6 +247,11 @@ def read_series(
     if fmt == "long":
         table = _long_to_wide(table, path, date_col, id_col, value_col)
     elif date_col not in table.columns:
+        if len(table.columns) == 1 and any(d in table.columns[0] for d in ";\t|"):
+            raise DataError(
+                f"{path}: one column {table.columns[0]!r}: the file is not comma-separated; "
+                "titans reads comma-separated CSV, convert it (e.g. tr ';' ',')"
+            )
         raise DataError(f"{path}: no date column {date_col!r} (columns: {table.columns}); pass --date-col")
     channels = [c for c in table.columns if c != date_col]
     if columns is not None:
@@ -245,7 +269,7 @@ def read_series(
     freq = infer_freq(dates, path, date_col)
     out, filled = [dates], {}
     for name in channels:
-        values, n = _fill(_to_float(table[name], path), path, fill)
+        values, n = _fill(_to_float(table[name], path), path, fill, fill_hint)
         out.append(values.alias(name))
         filled[name] = n
     return SeriesFrame(pl.DataFrame(out), date_col, channels, freq, filled)
@@ -293,6 +317,9 @@ def fit_scaler(frame: pl.DataFrame, channels: list[str], rows: list[int]) -> dic
     train = frame.slice(rows[0], rows[1] - rows[0])
     mean = {c: float(train[c].mean()) for c in channels}
     std = {c: float(train[c].std(ddof=0)) for c in channels}
+    for c in channels:  # squares of values near the float32 limit overflow float64 in the std
+        if not (math.isfinite(mean[c]) and math.isfinite(std[c])):
+            raise DataError(f"column {c!r}: mean or std over the training rows is not finite; rescale the column")
     constant = [c for c in channels if not std[c] > 0]
     for c in constant:
         std[c] = 1.0
@@ -352,7 +379,7 @@ def prepare(
         raise UsageError("--lookback and --horizon must be at least 1")
     if (out_dir / MANIFEST).exists() and not overwrite:
         raise UsageError(f"{out_dir} already holds prepared data; pass --overwrite or choose another --out")
-    series = read_series(input_path, fmt=fmt, date_col=date_col, id_col=id_col, fill=fill)
+    series = read_series(input_path, fmt=fmt, date_col=date_col, id_col=id_col, fill=fill, fill_hint=True)
     inputs, targets, target = select_features(series.channels, features, target, input_path)
     used = list(dict.fromkeys(inputs + targets))
     n_rows = series.frame.height

@@ -2,7 +2,8 @@
 
 Windows slide with stride 1 over the splits of `titans prepare timeseries`; validation and test inputs borrow
 their first `lookback` rows from the preceding split; values are z-scored with the training statistics stored
-in the manifest and the checkpoint (never refitted). Loss: MSE on the z-scored scale. Every validation and test
+in the manifest and the checkpoint (never refitted). Loss: `task.loss` (MSE by default) on the z-scored scale; early
+stopping and reports always use MSE. Every validation and test
 window counts once (sums and counts; `titans_cli.metrics`). `--horizon 96,192,336,720` trains one model per
 horizon (`sub_runs`) and `summarize` averages them (Table 3). `forecast_file` forecasts past the end of a file.
 """
@@ -31,14 +32,20 @@ from titans_cli.metrics import ErrorSums, mase_scale, naive_forecast, seasonal_n
 class ForecastConfig:
     """The `[task]` section of a forecast run."""
 
-    model: Literal["titans", "dlinear"] = "titans"  # dlinear: the linear baseline through the same pipeline
+    # titans, or a peer through the same splits, scaler, windows, early stopping and metrics (forecast_models)
+    model: Literal["titans", "dlinear", "rlinear", "patchtst"] = "titans"
     lookback: int = 96  # L (spec §6.2)
     horizon: tuple[int, ...] = (96,)  # H; several values train one model each plus their average (Table 3)
-    layout: Literal["patch", "time"] = "patch"  # token layout of the Titans forecaster (A12)
-    patch_len: int = 16  # PatchTST's patch geometry
+    layout: Literal["patch", "time", "variate"] = "patch"  # token layout of the Titans forecaster (A12)
+    patch_len: int = 16  # PatchTST's patch geometry (Titans layout "patch" and PatchTST)
     patch_stride: int = 8
-    revin: bool = False  # reversible instance normalisation; off: better ETTh1 validation MSE at H = 96 and 336
+    revin: bool = False  # reversible instance normalisation (Titans, DLinear; RLinear and PatchTST always use it)
     head_dropout: float = 0.0
+    skip: bool = False  # Titans: a linear lookback -> horizon map added to the head (docs/forecasting.md)
+    loss: Literal["mse", "mae", "huber"] = "mse"  # training loss; early stopping and reports use MSE regardless
+    # Rows of history before each window that the Titans memory reads first (training and evaluation; the
+    # first `context` training rows then only serve as history). 0: the window alone. Issue 10 §5.
+    context: int = 0
     moving_avg: int = 25  # DLinear's trend kernel
 
     def __post_init__(self) -> None:
@@ -50,6 +57,7 @@ class ForecastConfig:
             ("patch_stride", self.patch_stride >= 1, "must be >= 1"),
             ("head_dropout", 0 <= self.head_dropout < 1, "must be in [0, 1)"),
             ("moving_avg", self.moving_avg >= 1, "must be >= 1"),
+            ("context", self.context >= 0, "must be >= 0 (0: the window alone)"),
         ]
         if self.layout == "patch" and self.model == "titans":
             ok = (self.lookback - self.patch_len) % max(1, self.patch_stride) == 0
@@ -64,25 +72,37 @@ class ForecastConfig:
         return self.horizon[0]
 
 
+# Training losses on the z-scored scale. Huber with delta 1: quadratic for small errors, linear beyond one
+# standard deviation, so rare spikes pull less than under MSE.
+LOSSES = {
+    "mse": nn.functional.mse_loss,
+    "mae": nn.functional.l1_loss,
+    "huber": nn.functional.huber_loss,
+}
+
+
 class WindowDataset(Dataset):
-    """Sliding windows over one z-scored array: x = rows [s, s+L), y = target rows [s+L, s+L+H).
+    """Sliding windows over one z-scored array: x = rows [s - context, s+L), y = target rows [s+L, s+L+H).
 
     Args:
         values: [N, C] z-scored float32 array of the input channels.
-        starts: the window starts s (each window counted once).
+        starts: the window starts s (each window counted once); s >= context.
         target_idx: columns of `values` the model is scored on.
+        context: rows of history before the window included in x (inputs only, never a target).
     """
 
-    def __init__(self, values: Tensor, starts: range, lookback: int, horizon: int, target_idx: list[int]):
+    def __init__(
+        self, values: Tensor, starts: range, lookback: int, horizon: int, target_idx: list[int], context: int = 0
+    ):
         self.values, self.starts, self.lookback, self.horizon = values, starts, lookback, horizon
-        self.target_idx = torch.tensor(target_idx)
+        self.target_idx, self.context = torch.tensor(target_idx), context
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, i: int) -> Batch:
         s = self.starts[i]
-        x = self.values[s : s + self.lookback]
+        x = self.values[s - self.context : s + self.lookback]
         y = self.values[s + self.lookback : s + self.lookback + self.horizon].index_select(1, self.target_idx)
         return {"x": x, "y": y, "index": torch.tensor(i)}
 
@@ -101,11 +121,12 @@ def _normalize(frame: pl.DataFrame, columns: list[str], scaler: dict[str, Any]) 
 
 
 def window_datasets(
-    data_dir: Path, lookback: int, horizon: int, scaler: dict[str, Any] | None = None
+    data_dir: Path, lookback: int, horizon: int, scaler: dict[str, Any] | None = None, context: int = 0
 ) -> tuple[dict[str, WindowDataset], dict[str, Any], Tensor]:
     """Window datasets for train/val/test, the manifest, and the z-scored training rows [N_train, C].
 
-    `scaler` (from a checkpoint) overrides the manifest's statistics: evaluation never refits them.
+    `scaler` (from a checkpoint) overrides the manifest's statistics: evaluation never refits them. With
+    `context`, each x starts `context` rows earlier; training windows then start at row `context`.
     """
     manifest = ts.read_manifest(data_dir)
     frames = ts.load_splits(data_dir, manifest)
@@ -114,16 +135,21 @@ def window_datasets(
     values = _normalize(pl.concat([frames[n] for n in ts.SPLITS]), inputs, scaler or manifest["scaler"])
     borders = manifest["split"]["borders"]
     counts = ts.window_counts(borders, lookback, horizon)
+    counts["train"] -= context  # the first `context` training rows are history only
     datasets = {}
     for name in ts.SPLITS:
         if counts[name] < 1:
             rows = borders[name][1] - borders[name][0]
             raise DataError(
                 f"{data_dir}: split {name!r} has {rows} rows: no window of lookback {lookback} + horizon {horizon} "
-                "fits; use a smaller --lookback/--horizon or prepare with another --split"
+                f"(+ context {context}) fits; use a smaller --lookback/--horizon or another split "
+                "(`titans prepare timeseries --split ...`)"
             )
-        first = borders[name][0] - (0 if name == "train" else lookback)
-        datasets[name] = WindowDataset(values, range(first, first + counts[name]), lookback, horizon, target_idx)
+        first = borders[name][0] + context if name == "train" else borders[name][0] - lookback
+        if first - context < 0:
+            raise DataError(f"{data_dir}: split {name!r} starts at row {first}: no room for {context} context rows")
+        windows = range(first, first + counts[name])
+        datasets[name] = WindowDataset(values, windows, lookback, horizon, target_idx, context)
     return datasets, manifest, values[: borders["train"][1]]
 
 
@@ -138,7 +164,7 @@ class ForecastTask:
     def load(self, cfg: Any, data_dir: Path) -> TaskData:
         """Windows of the prepared folder; `meta` keeps columns, scaler, frequency and window counts."""
         t = cfg.task
-        datasets, manifest, _ = window_datasets(Path(data_dir), t.lookback, t.pred_len)
+        datasets, manifest, _ = window_datasets(Path(data_dir), t.lookback, t.pred_len, context=t.context)
         meta = {
             "task": "forecast",
             "date_col": manifest["date_col"],
@@ -167,11 +193,12 @@ class ForecastTask:
         # Which output channels are scored (MS: only the target); a buffer, so it follows .to(device).
         idx = [meta["input_columns"].index(c) for c in meta["target_columns"]]
         model.register_buffer("target_idx", torch.tensor(idx), persistent=False)
+        model.loss_name = cfg.task.loss
         return model
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         pred = model(batch["x"]).index_select(2, model.target_idx)
-        return nn.functional.mse_loss(pred, batch["y"])
+        return LOSSES[model.loss_name](pred.float(), batch["y"])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, meta: dict[str, Any]) -> dict[str, Any]:
@@ -237,7 +264,9 @@ class ForecastTask:
         if split not in ts.SPLITS:
             raise UsageError(f"--split {split!r}: choose train, val or test")
         data_dir = Path(data_dir or loaded.cfg.run.data)
-        datasets, manifest, train_rows = window_datasets(data_dir, t.lookback, t.pred_len, scaler=meta["scaler"])
+        datasets, manifest, train_rows = window_datasets(
+            data_dir, t.lookback, t.pred_len, scaler=meta["scaler"], context=t.context
+        )
         if manifest["input_columns"] != meta["input_columns"] or manifest["target_columns"] != meta["target_columns"]:
             raise DataError(
                 f"{data_dir}: columns {manifest['input_columns']} -> {manifest['target_columns']} differ from the "

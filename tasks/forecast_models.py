@@ -1,11 +1,15 @@
-"""Forecasting models: the Titans forecaster (spec §6, Table 3; LMM by default) and the DLinear baseline.
+"""Forecasting models: the Titans forecaster (spec §6, Table 3; LMM by default) and three peers run through the
+same pipeline: DLinear (Zeng et al., AAAI 2023), RLinear (Li et al., 2023: RevIN + one linear map) and PatchTST
+(Nie et al., ICLR 2023: channel-independent patch transformer with RevIN).
 
-Both map z-scored inputs x [B, T, C] to forecasts [B, H, C]. T may exceed the lookback L: the Titans
+All map z-scored inputs x [B, T, C] to forecasts [B, H, C]. T may exceed the lookback L: the Titans
 forecaster then reads the earlier rows through the memory state in pieces (`backbone(x_piece, state)`) and its
 head reads only the hidden states of the final L rows, so a forecast can use a whole file of context
 (`titans forecast --context all`) with the parameters trained on L-row windows. Memory is reset per sample.
 Token layouts (A12): channel-independent patches (PatchTST-style; the memory reads one channel's patches in
-order) or time-step tokens (one token per row, all channels embedded together). RevIN: Kim et al., ICLR 2022.
+order), time-step tokens (one token per row, all channels embedded together) or variate tokens (iTransformer-
+style: one token per channel embedding its whole lookback, so the memory reads the channels). RevIN: Kim et al.,
+ICLR 2022. `skip` adds a linear map from the lookback to the horizon beside the backbone's head.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-Layout = Literal["patch", "time"]
+Layout = Literal["patch", "time", "variate"]
 
 
 class RevIN(nn.Module):
@@ -53,12 +57,16 @@ def _run_backbone(backbone: nn.Module, tokens: Tensor, n_head: int, piece: int) 
     """Hidden states of the last `n_head` tokens; earlier tokens only update the memory state.
 
     tokens [B, N, d] with N ≥ n_head; the prefix is fed in pieces of `piece` tokens with the carried state,
-    which equals one call on the whole sequence (backbone contract) at bounded memory.
+    which equals one call on the whole sequence (backbone contract) at bounded memory. The prefix runs without
+    gradients (truncated backpropagation through the carried state): training with `task.context` teaches the
+    weights to read a state written by earlier rows at the cost of a forward pass over them, and the write
+    weights still learn from the window's own tokens.
     """
     prefix = tokens.shape[1] - n_head
     state = None
-    for start in range(0, prefix, piece):
-        _, state = backbone(tokens[:, start : min(start + piece, prefix)], state)
+    with torch.no_grad():
+        for start in range(0, prefix, piece):
+            _, state = backbone(tokens[:, start : min(start + piece, prefix)], state)
     out, _ = backbone(tokens[:, prefix:], state)
     return out
 
@@ -71,10 +79,13 @@ class TitansForecaster(nn.Module):
         dim: the backbone width d.
         channels: input channels C (the model also forecasts C channels; the task picks targets).
         lookback: L; horizon: H.
-        layout: "patch" (channel-independent patch tokens) or "time" (one token per time step).
+        layout: "patch" (channel-independent patch tokens), "time" (one token per time step) or "variate" (one
+            token per channel and L-row block: a longer context is read block by block, C tokens each).
         patch_len, patch_stride: patch geometry (layout "patch"); L − patch_len must be a multiple of the stride.
         revin: reversible instance normalisation on inputs and outputs.
         head_dropout: dropout before the head.
+        skip: add a linear map lookback -> horizon (shared by channels) to the head's output, so the backbone
+            learns a correction to a linear forecast instead of the whole forecast.
         piece: tokens per backbone call when reading a long context.
     """
 
@@ -90,6 +101,7 @@ class TitansForecaster(nn.Module):
         patch_stride: int = 8,
         revin: bool = True,
         head_dropout: float = 0.0,
+        skip: bool = False,
         piece: int = 512,
     ) -> None:
         super().__init__()
@@ -112,8 +124,13 @@ class TitansForecaster(nn.Module):
             self.embed = nn.Linear(channels, dim)
             self.head_proj = nn.Linear(dim, channels)
             self.head = nn.Linear(lookback, horizon)  # along time, shared by channels
+        elif layout == "variate":
+            self.n_tokens = channels
+            self.embed = nn.Linear(lookback, dim)
+            self.head = nn.Linear(dim, horizon)
         else:
-            raise ValueError(f"unknown layout {layout!r}: choose patch or time")
+            raise ValueError(f"unknown layout {layout!r}: choose patch, time or variate")
+        self.skip = nn.Linear(lookback, horizon) if skip else None
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, T, C] (T ≥ lookback; rows before the last L are context) → forecast [B, H, C]."""
@@ -131,10 +148,21 @@ class TitansForecaster(nn.Module):
             hidden = _run_backbone(self.backbone, self.embed(patches), self.n_tokens, self.piece)
             hidden = self.dropout(hidden).reshape(b * c, -1)
             y = self.head(hidden).reshape(b, c, self.horizon).transpose(1, 2)
-        else:
+        elif self.layout == "time":
             hidden = _run_backbone(self.backbone, self.embed(x), self.n_tokens, self.piece)
             per_step = self.head_proj(self.dropout(hidden))  # [B, L, C]
             y = self.head(per_step.transpose(1, 2)).transpose(1, 2)
+        else:
+            # The channels are the tokens: a fixed order, read causally by the memory, one lookback each. Earlier
+            # rows come as whole L-row blocks aligned to the end (a partial first block is dropped), each block's
+            # C tokens in time order, so the memory reads the history as a sequence of channel summaries.
+            blocks = t // self.lookback
+            rows = x[:, t - blocks * self.lookback :, :].reshape(b, blocks, self.lookback, c)
+            tokens = self.embed(rows.transpose(2, 3)).reshape(b, blocks * c, -1)
+            hidden = _run_backbone(self.backbone, tokens, c, self.piece)
+            y = self.head(self.dropout(hidden)).transpose(1, 2)
+        if self.skip is not None:
+            y = y + self.skip(x[:, -self.lookback :, :].transpose(1, 2)).transpose(1, 2)
         if stats is not None:
             y = self.revin.denormalize(y, stats)
         return y
@@ -184,10 +212,98 @@ class DLinear(nn.Module):
         return self.revin.denormalize(y, stats) if stats is not None else y
 
 
+class RLinear(nn.Module):
+    """RLinear (Li et al., "Revisiting Long-term Time Series Forecasting", 2023): RevIN, then one linear map
+    lookback -> horizon shared by the channels. Reads only the last `lookback` rows of a longer input."""
+
+    def __init__(self, lookback: int, horizon: int, channels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.lookback, self.horizon = lookback, horizon
+        self.revin = RevIN(channels)
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(lookback, horizon)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, T, C] → [B, H, C] from the last `lookback` rows."""
+        x, stats = self.revin.normalize(x[:, -self.lookback :, :], self.lookback)
+        y = self.linear(self.dropout(x).transpose(1, 2)).transpose(1, 2)
+        return self.revin.denormalize(y, stats)
+
+
+class _PatchTSTLayer(nn.Module):
+    """Post-norm transformer encoder layer with BatchNorm over (patches x batch), as PatchTST's default."""
+
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(dim, ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff, dim))
+        self.norm1, self.norm2 = nn.BatchNorm1d(dim), nn.BatchNorm1d(dim)
+        self.drop = nn.Dropout(dropout)
+
+    @staticmethod
+    def _bn(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
+        return norm(x.transpose(1, 2)).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._bn(self.norm1, x + self.drop(self.attn(x, x, x, need_weights=False)[0]))
+        return self._bn(self.norm2, x + self.drop(self.ff(x)))
+
+
+class PatchTST(nn.Module):
+    """PatchTST/42 (Nie et al., ICLR 2023), supervised: RevIN; each channel's lookback padded at the end by one
+    stride (replication) and cut into patches; a linear patch embedding plus a learned position embedding; a
+    post-norm transformer encoder (full attention among one channel's patches); a flatten head shared by the
+    channels. Sizes are the authors' ETTh1 script (d 16, 4 heads, 3 layers, feed-forward 128, dropout 0.3).
+    Reads only the last `lookback` rows of a longer input."""
+
+    def __init__(
+        self,
+        lookback: int,
+        horizon: int,
+        channels: int,
+        patch_len: int = 16,
+        stride: int = 8,
+        dim: int = 16,
+        heads: int = 4,
+        layers: int = 3,
+        ff: int = 128,
+        dropout: float = 0.3,
+        head_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.lookback, self.horizon, self.patch_len, self.stride = lookback, horizon, patch_len, stride
+        self.n_patches = (lookback + stride - patch_len) // stride + 1
+        self.revin = RevIN(channels)
+        self.embed = nn.Linear(patch_len, dim)
+        self.position = nn.Parameter(torch.empty(self.n_patches, dim).uniform_(-0.02, 0.02))
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(_PatchTSTLayer(dim, heads, ff, dropout) for _ in range(layers))
+        self.head_drop = nn.Dropout(head_dropout)
+        self.head = nn.Linear(self.n_patches * dim, horizon)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, T, C] → [B, H, C] from the last `lookback` rows."""
+        x, stats = self.revin.normalize(x[:, -self.lookback :, :], self.lookback)
+        b, _, c = x.shape
+        series = x.transpose(1, 2).reshape(b * c, self.lookback)
+        series = torch.cat([series, series[:, -1:].expand(-1, self.stride)], dim=1)  # ReplicationPad1d((0, S))
+        h = self.drop(self.embed(series.unfold(1, self.patch_len, self.stride)) + self.position)
+        for layer in self.layers:
+            h = layer(h)
+        y = self.head(self.head_drop(h.reshape(b * c, -1))).reshape(b, c, self.horizon).transpose(1, 2)
+        return self.revin.denormalize(y, stats)
+
+
 def build_forecaster(model_cfg: Any, task_cfg: Any, channels: int) -> nn.Module:
-    """The model a `ForecastConfig` asks for: `model = "titans"` (backbone from `model_cfg`) or "dlinear"."""
-    if task_cfg.model == "dlinear":
-        return DLinear(task_cfg.lookback, task_cfg.pred_len, task_cfg.moving_avg, task_cfg.revin, channels)
+    """The model a `ForecastConfig` asks for: `model = "titans"` (backbone from `model_cfg`) or a peer
+    ("dlinear", "rlinear", "patchtst"; these ignore `model_cfg`)."""
+    t = task_cfg
+    if t.model == "dlinear":
+        return DLinear(t.lookback, t.pred_len, t.moving_avg, t.revin, channels)
+    if t.model == "rlinear":
+        return RLinear(t.lookback, t.pred_len, channels, dropout=t.head_dropout)
+    if t.model == "patchtst":
+        return PatchTST(t.lookback, t.pred_len, channels, t.patch_len, t.patch_stride, head_dropout=t.head_dropout)
     from titans_cli.model import Titans  # imported here: the baseline must not need the backbone
 
     return TitansForecaster(
@@ -201,4 +317,5 @@ def build_forecaster(model_cfg: Any, task_cfg: Any, channels: int) -> nn.Module:
         patch_stride=task_cfg.patch_stride,
         revin=task_cfg.revin,
         head_dropout=task_cfg.head_dropout,
+        skip=task_cfg.skip,
     )

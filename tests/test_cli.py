@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def test_missing_and_invalid_data(tmp_path):
     (tmp_path / "empty").mkdir()
     result = invoke("train", "--task", "recall", "--data", tmp_path / "empty", "--out", tmp_path / "r2", *TINY_MODEL)
     assert_one_line_error(result, 3, "manifest.json: missing")
-    assert not any((tmp_path / "r2").iterdir())  # a failed start leaves the run directory reusable
+    assert not (tmp_path / "r2").exists()  # a failed start creates nothing
     assert_one_line_error(invoke("eval", "--run", tmp_path / "nope"), 2, "no such run directory")
 
 
@@ -139,9 +140,27 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_version_and_help_examples():
     result = invoke("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"titans {__version__}"
-    for command in (["train"], ["eval"], ["prepare", "recall"]):
+    for command in ([], ["prepare"], ["train"], ["eval"], ["forecast"], ["classify"], ["prepare", "recall"],
+                    ["prepare", "timeseries"], ["prepare", "dna"]):  # fmt: skip
         result = invoke(*command, "--help")
         assert result.exit_code == 0 and result.stdout.rindex("Example: titans") > result.stdout.rindex("--help")
+    # forecast serves one horizon: its example points at a sub-run, not a multi-horizon parent
+    assert "--run runs/etth1/h96" in " ".join(invoke("forecast", "--help").stdout.split())
+    # rich markup would eat [brackets] in help texts: the words must all be there
+    flowed = re.sub(r"[\s│]+", " ", invoke("classify", "--help").stdout)  # the option table's cells, rejoined
+    assert "Output TSV: id, chrom/start/end/strand (BED input), label (if known), pred, prob_*" in flowed
+
+
+def test_a_run_works_from_any_directory(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(data.parent)
+    result = invoke("train", "--task", "recall", "--data", data.name, "--out", tmp_path / "r", *TINY_MODEL,
+                    "--max-steps", 2, "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads((tmp_path / "r" / "config.toml").read_text())["run"]["data"] == str(data)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("eval", "--run", "r", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["samples"] == 9
 
 
 def test_json_output_is_strict_json_even_for_nan(capsys):

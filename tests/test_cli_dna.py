@@ -123,5 +123,5 @@ def test_errors_are_one_line_with_exit_codes(trained: dict[str, Path], tmp_path:
     assert res.exit_code == 3 and "strip it from the BED" in res.stderr
     res = invoke("classify", "--run", trained["run"], "--input", bad, "--out", tmp_path / "p.tsv")
     assert res.exit_code == 3 and "position 3" in res.stderr and not (tmp_path / "p.tsv").exists()
-    res = invoke("classify", "--run", tmp_path / "nowhere", "--input", bad, "--out", tmp_path / "p.tsv")
+    res = invoke("classify", "--run", tmp_path / "nowhere", "--input", GUE / "test.csv", "--out", tmp_path / "p.tsv")
     assert res.exit_code == 2

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import tasks
 from tasks.recall import RecallTask
 from tests.recall_fixtures import tiny_config, tiny_data
 from titans_cli.checkpoint import read_checkpoint
+from titans_cli.cli import app
 from titans_cli.errors import TitansError, UsageError
 from titans_cli.evaluate import evaluate_run
 from titans_cli.runs import read_jsonl
@@ -100,3 +108,79 @@ def test_memory_warmup_holds_the_gated_branch_fixed_then_trains_it(data, tmp_pat
     held = proj_weights(3, "held")
     assert held and all(w.abs().sum() == 0 for w in held)
     assert all(w.abs().sum() > 0 for w in proj_weights(4, "joined"))
+
+
+# ---- crash safety and torchrun: real processes (SIGKILL, torchrun), so these start subprocesses ------------
+RECALL_CLI = ["--task", "recall", "--preset", "recall_tiny", "--set", "model.dim=16", "--set", "train.log_every=1"]
+
+
+def _cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "titans_cli", *map(str, args)]
+
+
+def _env(threads: int | None = None) -> dict[str, str]:
+    # The same thread count as this process: float sums, and so bit-identical metrics, depend on it.
+    return {**os.environ, "OMP_NUM_THREADS": str(threads or torch.get_num_threads())}
+
+
+def _invoke(*args: object) -> None:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+
+
+def test_sigkill_then_resume_reaches_the_metrics_of_an_uninterrupted_run(data, tmp_path):
+    steps = ["--max-steps", 60, "--set", "train.eval_every=25", "--set", "train.batch_size=4"]
+    _invoke("train", *RECALL_CLI, "--data", data, "--out", tmp_path / "straight", *steps, "-q")
+    killed = tmp_path / "killed"
+    save_often = ["--set", "train.save_every=1e-6"]  # last.pt after every step: the kill lands between saves
+    proc = subprocess.Popen(_cli("train", *RECALL_CLI, "--data", data, "--out", killed, *steps, *save_often, "-q"),
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / "checkpoints" / "last.pt").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            time.sleep(0.01)
+        # One writer per run directory: a second train on the same --out is refused, naming the holder.
+        second = CliRunner().invoke(app, ["train", *RECALL_CLI, "--data", str(data), "--out", str(killed)])
+        assert second.exit_code == 2 and f"PID {proc.pid}" in second.stderr, second.output
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    step = read_checkpoint(killed / "checkpoints" / "last.pt")["step"]
+    assert 0 < step < 60 and not (killed / "metrics.json").exists()
+    _invoke("train", "--resume", killed, "-q")
+    for name in ("metrics.json", "metrics.jsonl"):
+        assert (killed / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+    # Killed before the first save: only config.toml (and rows of metrics.jsonl) survive; --resume starts over.
+    shutil.rmtree(killed / "checkpoints")
+    (killed / "metrics.json").unlink()
+    _invoke("train", "--resume", killed, "-q")
+    for name in ("metrics.json", "metrics.jsonl"):
+        assert (killed / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+
+
+def test_torchrun_two_workers_at_half_batch_follow_one_process_and_resume(data, tmp_path):
+    """2 gloo workers with batch 2 each = 1 process with batch 4: same loss curve to float tolerance; then
+    --resume under torchrun continues as --resume does in one process."""
+    common = [*RECALL_CLI, "--data", data, "--set", "train.eval_every=3", "-q"]
+    _invoke("train", *common, "--out", tmp_path / "one", "--batch-size", 4, "--max-steps", 5)
+    _invoke("train", "--resume", tmp_path / "one", "--max-steps", 8, "-q")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "titans_cli"]
+    for args in (["train", *common, "--out", tmp_path / "two", "--batch-size", 2, "--max-steps", 5],
+                 ["train", "--resume", tmp_path / "two", "--max-steps", 8, "-q"]):  # fmt: skip
+        done = subprocess.run([*torchrun, *map(str, args)], env=_env(1), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in two] == [(r["step"], r["split"]) for r in one]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a, b)
+    assert json.loads((tmp_path / "two" / "env.json").read_text())["workers"] == 2  # (rows once: rank 0 wrote)
+
+
+def test_progress_lines_outside_a_terminal(data, tmp_path):
+    result = CliRunner().invoke(app, ["train", *RECALL_CLI, "--data", str(data), "--out", str(tmp_path / "r"),
+                                      "--max-steps", "3", "--set", "train.progress_every=0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("step ") and "steps/s" in line]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"] and all("ETA" in line for line in lines)

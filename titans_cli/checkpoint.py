@@ -56,7 +56,9 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
             "only use checkpoints written by titans"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        # torch's messages run to several sentences of advice; the first one says what is wrong.
+        first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else "empty or truncated file"
+        raise DataError(f"{path}: not a readable checkpoint ({first}); use a checkpoint written by titans") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise DataError(f"{path}: not a titans checkpoint (missing keys: {', '.join(REQUIRED_KEYS)})")
     if ckpt["format"] != FORMAT:
@@ -79,7 +81,7 @@ class LoadedRun:
     val_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def checkpoint_path(run: Path, which: str = "best") -> Path:
+def checkpoint_path(run: Path, which: str = "best", flag: str = "--run") -> Path:
     """`RUN/checkpoints/<which>.pt`, or `run` itself when it is a .pt file; a clear error otherwise."""
     if run.is_file():
         return run
@@ -87,11 +89,11 @@ def checkpoint_path(run: Path, which: str = "best") -> Path:
     if path.is_file():
         return path
     if not run.is_dir():
-        raise UsageError(f"--run {run}: no such run directory")
+        raise UsageError(f"{flag} {run}: no such run directory")
     subs = sorted(p.name for p in run.iterdir() if p.is_dir() and is_run_dir(p))
     if subs:
-        raise UsageError(f"--run {run}: holds sub-runs ({', '.join(subs)}); pass --run {run / subs[0]} or similar")
-    raise UsageError(f"--run {run}: no {CHECKPOINTS}/{which}.pt; is it a finished `titans train` run directory?")
+        raise UsageError(f"{flag} {run}: holds sub-runs ({', '.join(subs)}); pass {flag} {run / subs[0]} or similar")
+    raise UsageError(f"{flag} {run}: no {CHECKPOINTS}/{which}.pt; is it a finished `titans train` run directory?")
 
 
 def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
@@ -140,7 +142,7 @@ def transfer_weights(
     Returns:
         (loaded parameter names, skipped `embed.*` names whose shapes differ, e.g. another vocabulary).
     """
-    path = checkpoint_path(source, "best")
+    path = checkpoint_path(source, "best", flag="train.init_from")
     weights = read_checkpoint(path)["model"]
     own = model.state_dict()
     loaded, skipped = [], []

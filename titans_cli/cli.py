@@ -21,6 +21,8 @@ app = typer.Typer(
     help="Train and evaluate Titans (neural long-term memory) models on genomics and time series.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # errors are one line (commands.common.handle_errors); --debug for more
+    epilog="Example: titans prepare recall --out data/recall && titans train --task recall --data data/recall "
+    "--out runs/recall --preset recall_tiny && titans eval --run runs/recall --json",
 )
 
 
@@ -38,7 +40,7 @@ def main(
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for every command.")] = False,
 ) -> None:
-    """Titans toolkit. Example: titans prepare recall --out data/recall && titans train --task recall ..."""
+    """Titans toolkit: prepare data, train, evaluate, forecast, classify."""
     set_global_debug(debug)
 
 

@@ -129,6 +129,11 @@ class TrainConfig:
     init_from: str = ""  # a run directory whose best.pt gives the backbone.* and embed.* weights
     num_workers: int = 0  # DataLoader worker processes
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+    # Seconds of training between last.pt saves besides the evaluations: a SIGKILL loses at most this much; 0: at
+    # evaluations only
+    save_every: float = 300.0
+    # Outside a terminal (a log file), one progress line (step, loss, steps/s, ETA) every N seconds; 0: every step
+    progress_every: float = 30.0
     # MAC/MAG: for the first N steps the attention-branch weights of model.attn_branch_init are not updated (their
     # gradient is dropped). With attn_branch_init=0 the block trains as its memory alone first (as LMM, which
     # learned recall on the seeds measured) and attention joins after; under Adam zero-initialised weights
@@ -152,6 +157,8 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 0, "must be >= 0"),
             ("log_every", self.log_every >= 1, "must be >= 1"),
             ("num_workers", self.num_workers >= 0, "must be >= 0"),
+            ("save_every", self.save_every >= 0, "must be >= 0 seconds (0: save at evaluations only)"),
+            ("progress_every", self.progress_every >= 0, "must be >= 0 seconds"),
             ("memory_warmup", self.memory_warmup >= 0, "must be >= 0 (0 disables the warm-up)"),
         ]
         check_fields("train", self, checks)
@@ -452,7 +459,10 @@ def _split_list(text: str, path: str) -> list[Any]:
         except tomllib.TOMLDecodeError as err:
             raise UsageError(f"{path}: invalid array {raw!r}: {err}") from None
         return [str(v) if not isinstance(v, str) else v for v in items]
-    return [part.strip() for part in raw.split(",") if part.strip()]
+    parts = [part.strip() for part in raw.split(",")] if raw else []
+    if "" in parts:  # `96,,192` is a typo, not `96,192`
+        raise UsageError(f"{path}: empty item in {raw!r}; separate values with single commas, e.g. 96,192")
+    return parts
 
 
 def _describe(tp: Any) -> str:

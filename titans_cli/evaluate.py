@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from titans_cli.config import read_toml
 from titans_cli.errors import TitansError, UsageError
-from titans_cli.runs import CHECKPOINTS, CONFIG, is_run_dir
+from titans_cli.runs import CHECKPOINTS, CONFIG, is_run_dir, resolve_in_run
 from titans_cli.runtime import autocast
 
 
@@ -108,10 +108,11 @@ def evaluate_run(
     if split not in ("test", "val"):
         raise UsageError(f"--split: expected test or val, got {split!r}")
     opts = dict(opts or {})
+    if not run.exists():
+        raise UsageError(f"--run {run}: no such run directory")
     subs = sorted(p for p in run.iterdir() if p.is_dir() and is_run_dir(p)) if run.is_dir() else []
     if subs and not (run / CHECKPOINTS).is_dir():
-        from tasks import get_task
-
+        _check_sub_runs(run, subs)
         results = {
             p.name: evaluate_run(
                 p, split=split, data_dir=data_dir, which=which, device=device, batch_size=batch_size, opts=opts
@@ -119,20 +120,25 @@ def evaluate_run(
             for p in subs
         }
         out: dict[str, Any] = {"run": str(run), "split": split, "sub_runs": results}
-        task = get_task(str(read_toml(run / CONFIG, "--run").get("run", {}).get("task", "")))
+        task = _parent_task(run)
         if hasattr(task, "summarize"):
             out["summary"] = task.summarize(results)
         return out
     loaded = load_run(run, which=which, device=resolve_device(device))
     task, cfg = loaded.task, loaded.cfg
-    data_dir = data_dir or Path(cfg.run.data)
+    if data_dir is None:
+        data_dir = resolve_in_run(loaded.run_dir, cfg.run.data)
+        if not data_dir.is_dir():
+            raise UsageError(
+                f"run.data {str(data_dir)!r} (where {loaded.run_dir} was trained from) is gone; pass --data DIR"
+            )
+    elif not data_dir.is_dir():
+        raise UsageError(f"--data {data_dir}: no such directory")
     if hasattr(task, "eval_report"):
         metrics = task.eval_report(loaded, split, data_dir, **opts)
     else:
         if opts:
             raise UsageError(f"task {task.name} takes no --opt options")
-        if not data_dir.is_dir():
-            raise UsageError(f"run.data {str(data_dir)!r}: no such directory; pass --data DIR")
         data = task.load(cfg, data_dir)
         dataset = data.test if split == "test" else data.val
         if dataset is None or len(dataset) == 0:
@@ -154,3 +160,29 @@ def evaluate_run(
         "split": split,
         **metrics,
     }
+
+
+def _parent_task(run: Path) -> Any:
+    from tasks import get_task
+
+    return get_task(str(read_toml(run / CONFIG, "--run").get("run", {}).get("task", "")))
+
+
+def _check_sub_runs(run: Path, subs: list[Path]) -> None:
+    """Every sub-run the parent's config lists must have finished: an average over the horizons that happen to
+    exist would be reported as the whole table's."""
+    from tasks import get_task
+    from titans_cli.config import loads_config
+
+    task = _parent_task(run)
+    if not hasattr(task, "sub_runs"):
+        return
+    cfg = loads_config((run / CONFIG).read_text(), lambda name: get_task(name).config_cls, str(run / CONFIG))
+    expected = [name for name, _ in task.sub_runs(cfg)]
+    have = {p.name for p in subs if (p / CHECKPOINTS / "best.pt").is_file()}
+    missing = [name for name in expected if name not in have]
+    if missing:
+        raise TitansError(
+            f"--run {run}: sub-run {', '.join(missing)} has no checkpoints/best.pt (failed or unfinished); "
+            f"finish it with `titans train --resume {run}` or evaluate one sub-run with --run {run / expected[0]}"
+        )

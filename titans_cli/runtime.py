@@ -2,6 +2,7 @@
 
 Conventions §6-§7: one `--seed` seeds Python, NumPy and torch; the device and precision are resolved once in
 the command and passed down; nothing is decided at import time and nothing writes `CUDA_VISIBLE_DEVICES`.
+`World` is the process group when `torchrun` started us (RANK / WORLD_SIZE / LOCAL_RANK in the environment).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -121,3 +123,105 @@ def preserved_rng() -> Iterator[None]:
         yield
     finally:
         set_rng_state(saved)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among `torchrun`'s workers; one process (rank 0 of 1) without torchrun."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only process that writes files and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_from_env() -> World:
+    """The `World` torchrun describes in RANK, WORLD_SIZE and LOCAL_RANK; a single process otherwise."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UsageError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them)") from None
+    return World(rank=rank, size=size, local_rank=local)
+
+
+def device_for(name: str, world: World) -> torch.device:
+    """`resolve_device`, with each torchrun worker on its own GPU (cuda:LOCAL_RANK) when the name has no index."""
+    device = resolve_device(name)
+    if world.distributed and device.type == "cuda" and device.index is None:
+        if world.local_rank >= torch.cuda.device_count():
+            raise UsageError(
+                f"torchrun worker {world.local_rank}: only {torch.cuda.device_count()} CUDA device(s) here; "
+                "lower --nproc_per_node"
+            )
+        device = torch.device("cuda", world.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world.distributed and device.type == "mps":
+        raise UsageError("torchrun: mps has no collective backend; use --device cpu")
+    return device
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device) -> Iterator[None]:
+    """Join torchrun's process group for the block (NCCL on GPUs, gloo on the CPU); nothing for one process."""
+    import torch.distributed as dist
+
+    if not world.distributed or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def all_mean(value: float, world: World, device: torch.device) -> float:
+    """The mean of `value` over all workers (itself for one process)."""
+    if not world.distributed:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world.size
+
+
+def any_worker(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every worker if `flag` is true on any (so all stop at the same step)."""
+    if not world.distributed:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def from_main(obj: Any, world: World) -> Any:
+    """Rank 0's `obj` on every worker (e.g. the validation metrics only rank 0 computed)."""
+    if not world.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    """Wait until every worker gets here."""
+    if world.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()

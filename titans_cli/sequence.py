@@ -153,8 +153,21 @@ class FastaRecord:
     line: int
 
 
+def refuse_gzip(path: Path) -> None:
+    """A `DataError` for a gzip/bgzip-compressed file (magic bytes 1f 8b): titans reads plain-text FASTA only
+    (pyfaidx would ask for BioPython, the text reader would fail on the first byte)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+    except OSError:
+        return  # the caller's own open reports a missing or unreadable file
+    if magic == b"\x1f\x8b":
+        raise DataError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
+
+
 def read_fasta(path: Path) -> Iterator[FastaRecord]:
     """Stream the records of a (small or multi-record) FASTA file; raw sequence, case preserved."""
+    refuse_gzip(path)
     header: str | None = None
     header_line = 0
     parts: list[str] = []
@@ -201,6 +214,7 @@ def open_fasta(path: Path):  # -> pyfaidx.Fasta (untyped: pyfaidx ships no annot
         return _HANDLES[key]
     if not path.is_file():
         raise DataError(f"{path}: FASTA file not found")
+    refuse_gzip(path)
     index = Path(f"{path}.fai")
     if not index.exists() and not os.access(path.parent, os.W_OK):
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "titans" / "fai"

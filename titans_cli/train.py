@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from titans_cli import runs
@@ -33,7 +34,20 @@ from titans_cli.config import RunConfig, dumps_toml
 from titans_cli.errors import DataError, TitansError, UsageError
 from titans_cli.evaluate import DeviceLoader, evaluate_split, is_better
 from titans_cli.model import attn_branch_weights
-from titans_cli.runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
+from titans_cli.runtime import (
+    World,
+    all_mean,
+    any_worker,
+    autocast,
+    barrier,
+    device_for,
+    from_main,
+    process_group,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    world_from_env,
+)
 
 Log = Callable[[str], None]
 StopCheck = Callable[[int], bool]
@@ -99,64 +113,121 @@ def run(
 ) -> dict[str, Any]:
     """Train `task` with `cfg` into `run_dir` (or continue it with `resume`) and return a JSON-able summary.
 
+    Everything that can be checked (device, output path, lock, data, model) is checked before the run directory
+    is created; a run that fails before its first last.pt removes what it created, so the corrected command
+    can use the same `--out`. Under torchrun every worker trains its share of each batch with
+    DistributedDataParallel and rank 0 alone writes.
+
     Args:
-        cfg: the resolved run config; `cfg.run.data` is the prepared data directory.
+        cfg: the resolved run config; `cfg.run.data` is the prepared data directory (relative: to `run_dir`).
         task: a `tasks.base.Task`; `task.load`, `build_model`, `loss` and `evaluate` get the whole `cfg`.
         run_dir: the run directory; a new run refuses a non-empty one unless `overwrite`.
         resume: continue from `run_dir/checkpoints/last.pt` (sub-runs: each unfinished one).
-        quiet: no log lines on stderr. progress: a rich progress bar when stderr is a TTY.
+        quiet: no log lines on stderr. progress: a progress bar on a TTY, else a line every progress_every s.
         should_stop: called after every optimizer step with the step number; True stops as Ctrl-C does
             (last.pt saved, `TrainingInterrupted` raised).
 
     Returns:
         `{"run_dir", "task", "steps", "best_step", "val", "test", ...}`, or for sub-runs
-        `{"run_dir", "sub_runs": {name: result}, "summary"}`.
+        `{"run_dir", "sub_runs": {name: result}, "summary"}`; `{}` on torchrun workers other than rank 0.
     """
-    log: Log = (lambda _msg: None) if quiet else _stderr
-    if not resume:
-        runs.prepare_run_dir(run_dir, overwrite)
+    world = world_from_env()
+    log: Log = _stderr if world.main and not quiet else (lambda _msg: None)
+    device = device_for(cfg.train.device, world)
+    if resume:
+        runs.check_unlocked(run_dir)
+    else:
+        runs.check_new_run_dir(run_dir, overwrite)
     subs = list(task.sub_runs(cfg)) if hasattr(task, "sub_runs") else []
-    with _interrupt_on_sigint(should_stop) as stop:
-        if not subs:
-            return _train_one(cfg, task, run_dir, resume, log, progress and not quiet, stop)
-        runs.atomic_write_text(run_dir / runs.CONFIG, dumps_toml(cfg))  # the base config the sub-runs derive from
-        if not resume:
-            runs.write_json(run_dir / runs.ENV, runs.environment(cfg.train.device, cfg.train.precision, cfg.train.seed))
-        finals: dict[str, dict[str, Any]] = {}
-        for name, sub_cfg in subs:
-            sub_dir = run_dir / name
-            if resume and (sub_dir / runs.METRICS).is_file():
-                log(f"{name}: finished earlier, kept")
-                finals[name] = json.loads((sub_dir / runs.METRICS).read_text())
-                continue
-            sub_resume = resume and (sub_dir / runs.CHECKPOINTS / "last.pt").is_file()
-            if not sub_resume:
-                runs.prepare_run_dir(sub_dir, overwrite=True)
-            log(f"sub-run {name}")
-            _train_one(sub_cfg, task, sub_dir, sub_resume, log, progress and not quiet, stop)
-            finals[name] = json.loads((sub_dir / runs.METRICS).read_text())
-        out: dict[str, Any] = {"run_dir": str(run_dir), "task": task.name, "sub_runs": finals}
-        if hasattr(task, "summarize"):
-            out["summary"] = task.summarize(finals)
-            runs.write_json(run_dir / runs.SUMMARY, out["summary"])
-        return out
+    todo = [(n, c) for n, c in subs if not (resume and (run_dir / n / runs.METRICS).is_file())]
+    with process_group(world, device):
+        setup = None
+        if subs:
+            for _name, sub_cfg in todo:  # every horizon's data and model load before the first one trains
+                _setup(sub_cfg, task, run_dir, device, resume=False)
+        else:
+            from_last = resume and (run_dir / runs.CHECKPOINTS / "last.pt").is_file()
+            setup = _setup(cfg, task, run_dir, device, from_last)
+        barrier(world)
+        with (
+            _writer(run_dir, world, resume, overwrite, [n for n, _ in subs]),
+            _interrupt_on_sigint(should_stop) as stop,
+        ):
+            bar = progress and not quiet and world.main
+            if not subs:
+                return _train_one(cfg, task, run_dir, resume, log, bar, stop, world, device, setup)
+            if world.main:
+                runs.atomic_write_text(run_dir / runs.CONFIG, dumps_toml(cfg))  # the base the sub-runs derive from
+                if not resume:
+                    env = runs.environment(str(device), cfg.train.precision, cfg.train.seed, world.size)
+                    runs.write_json(run_dir / runs.ENV, env)
+            finals: dict[str, dict[str, Any]] = {}
+            for name, sub_cfg in subs:
+                sub_dir = run_dir / name
+                if (name, sub_cfg) not in todo:
+                    log(f"{name}: finished earlier, kept")
+                    finals[name] = json.loads((sub_dir / runs.METRICS).read_text())
+                    continue
+                sub_resume = resume and (sub_dir / runs.CONFIG).is_file()
+                if not sub_resume and world.main:
+                    runs.prepare_run_dir(sub_dir, overwrite=True)
+                barrier(world)
+                log(f"sub-run {name}")
+                _train_one(sub_cfg, task, sub_dir, sub_resume, log, bar, stop, world, device, None)
+                if world.main:
+                    finals[name] = json.loads((sub_dir / runs.METRICS).read_text())
+            if not world.main:
+                return {}
+            out: dict[str, Any] = {"run_dir": str(run_dir), "task": task.name, "sub_runs": finals}
+            if hasattr(task, "summarize"):
+                out["summary"] = task.summarize(finals)
+                runs.write_json(run_dir / runs.SUMMARY, out["summary"])
+            return out
 
 
-def _train_one(
-    cfg: RunConfig, task: Any, run_dir: Path, resume: bool, log: Log, progress: bool, stop: StopCheck
-) -> dict[str, Any]:
+@contextmanager
+def _writer(run_dir: Path, world: World, resume: bool, overwrite: bool, subs: list[str]) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the block; a new run that fails before any last.pt exists is
+    removed again (the directories it created; in a directory that existed, titans' files), so the corrected
+    command can use the same --out. An interrupted run (last.pt saved) is kept for --resume."""
+    if not world.main:
+        yield
+        return
+    created = runs.first_missing(run_dir)
+    with runs.RunLock(run_dir):
+        try:
+            if not resume:
+                runs.prepare_run_dir(run_dir, overwrite)
+            yield
+        except BaseException:
+            if not resume and not any(run_dir.rglob("last.pt")):
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
+                else:
+                    runs.clear_run_dir(run_dir)
+                    for name in subs:
+                        shutil.rmtree(run_dir / name, ignore_errors=True)
+            raise
+
+
+@dataclass
+class _Setup:
+    """What a run needs before its first step: the data, the model on its device, the meta as JSON text."""
+
+    data: Any
+    model: nn.Module
+    meta_json: str
+
+
+def _setup(cfg: RunConfig, task: Any, run_dir: Path, device: torch.device, resume: bool) -> _Setup:
+    """Load the data and build the model (with init_from weights); every failure here precedes any file."""
     tc = cfg.train
-    device = resolve_device(tc.device)
-    last_path = run_dir / runs.CHECKPOINTS / "last.pt"
-    best_path = run_dir / runs.CHECKPOINTS / "best.pt"
-    if resume and not last_path.is_file():
-        raise UsageError(f"--resume {run_dir}: no {runs.CHECKPOINTS}/last.pt to continue from")
-    ckpt = read_checkpoint(last_path) if resume else None
-
     seed_everything(tc.seed, tc.deterministic)
-    data_dir = Path(cfg.run.data)
-    if not cfg.run.data or not data_dir.is_dir():
-        raise UsageError(f"run.data {cfg.run.data!r}: no such directory; create it with `titans prepare ...`")
+    if not cfg.run.data:
+        raise UsageError("run.data is not set; pass --data DIR (a directory written by `titans prepare ...`)")
+    data_dir = runs.resolve_in_run(run_dir, cfg.run.data)
+    if not data_dir.is_dir():
+        raise UsageError(f"run.data {str(data_dir)!r}: no such directory; create it with `titans prepare ...`")
     data = task.load(cfg, data_dir)
     if len(data.train) == 0 or len(data.val) == 0:
         raise DataError(f"{data_dir}: the train and val splits must not be empty")
@@ -166,15 +237,41 @@ def _train_one(
         raise TitansError(f"task {task.name}: meta is not JSON-serialisable ({err})") from None
     model = task.build_model(cfg, data.meta).to(device)
     if tc.init_from and not resume:
-        loaded, skipped = transfer_weights(model, Path(tc.init_from))
-        note = f", kept own {len(skipped)} embed.* (shape differs)" if skipped else ""
-        log(f"init_from {tc.init_from}: loaded {len(loaded)} tensors{note}")
+        transfer_weights(model, runs.resolve_in_run(run_dir, tc.init_from))
+    return _Setup(data, model, meta_json)
+
+
+def _train_one(
+    cfg: RunConfig,
+    task: Any,
+    run_dir: Path,
+    resume: bool,
+    log: Log,
+    progress: bool,
+    stop: StopCheck,
+    world: World,
+    device: torch.device,
+    setup: _Setup | None,
+) -> dict[str, Any]:
+    tc = cfg.train
+    last_path = run_dir / runs.CHECKPOINTS / "last.pt"
+    best_path = run_dir / runs.CHECKPOINTS / "best.pt"
+    if resume and not last_path.is_file():
+        # Killed before its first save: nothing was kept but the config, so the run starts over (same seed).
+        log(f"--resume {run_dir}: no {runs.CHECKPOINTS}/last.pt yet; starting from step 0")
+        resume = False
+    ckpt = read_checkpoint(last_path) if resume else None
+    setup = setup or _setup(cfg, task, run_dir, device, resume)
+    data, model, meta_json = setup.data, setup.model, setup.meta_json
+    if tc.init_from and not resume:
+        log(f"init_from {tc.init_from}: backbone.* and embed.* weights loaded")
     optimizer = torch.optim.AdamW(
         param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay
     )
 
     n_train = len(data.train)
-    steps_per_epoch = math.ceil(n_train / tc.batch_size)
+    per_step = tc.batch_size * world.size  # samples per optimizer step over all workers
+    steps_per_epoch = math.ceil(n_train / per_step)
     total = tc.max_steps if tc.max_steps > 0 else tc.epochs * steps_per_epoch
     warmup = warmup_steps_for(tc.warmup, total)
     state = TrainState()
@@ -188,17 +285,26 @@ def _train_one(
             raise UsageError(f"--resume {run_dir}: nothing to do, it {why}; raise --epochs/--max-steps/--patience")
         # Restored last, after everything that draws random numbers while being built.
         set_rng_state(ckpt["rng"])
-        runs.truncate_jsonl(run_dir / runs.METRICS_JSONL, state.step)
+        if world.main:
+            runs.truncate_jsonl(run_dir / runs.METRICS_JSONL, state.step)
         log(f"resuming {run_dir} at step {state.step}")
-    else:
-        runs.write_json(run_dir / runs.ENV, runs.environment(str(device), tc.precision, tc.seed))
-    # Written once the data and model are known to load (a failed start leaves the directory reusable); on
-    # resume it records the changes --resume allows (epochs, max_steps, ...).
-    runs.atomic_write_text(run_dir / runs.CONFIG, dumps_toml(cfg))
+    elif world.main:
+        runs.truncate_jsonl(run_dir / runs.METRICS_JSONL, 0)  # a restarted run's rows from before the kill
+        runs.write_json(run_dir / runs.ENV, runs.environment(str(device), tc.precision, tc.seed, world.size))
+    # Written once the data and model are known to load; on resume it records the changes --resume allows
+    # (epochs, max_steps, ...).
+    if world.main:
+        runs.atomic_write_text(run_dir / runs.CONFIG, dumps_toml(cfg))
     n_params = sum(p.numel() for p in model.parameters())
+    workers = f" × {world.size} workers" if world.distributed else ""
     log(
         f"task {task.name} · device {device} · precision {tc.precision} · seed {tc.seed} · "
-        f"{n_params / 1e6:.2f}M parameters · {total} steps ({steps_per_epoch}/epoch, batch {tc.batch_size})"
+        f"{n_params / 1e6:.2f}M parameters · {total} steps ({steps_per_epoch}/epoch, batch {tc.batch_size}{workers})"
+    )
+    # Workers step on their share of each batch; DDP averages the gradients, so with equal shares the update
+    # is that of one process on the whole batch.
+    trained: nn.Module = (
+        _DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
     )
 
     def evaluate(dataset: Any) -> dict[str, Any]:
@@ -228,16 +334,24 @@ def _train_one(
             "val_metrics_json": json.dumps(runs.json_safe(val_metrics)),
         }
 
+    last_saved_step = state.step if ckpt is not None else -1
+    saved_at = time.monotonic()
+
+    def save_last(val_metrics: dict[str, Any]) -> None:
+        nonlocal last_saved_step, saved_at
+        if world.main:
+            save_checkpoint(last_path, checkpoint_payload(val_metrics))
+        last_saved_step, saved_at = state.step, time.monotonic()
+
     held = attn_branch_weights(model) if tc.memory_warmup else []  # fixed for the first memory_warmup steps
     started = time.perf_counter()
-    last_saved_step = state.step if ckpt is not None else -1
     model.train()
-    with _progress_bar(progress, total, state.step) as advance:
+    with _progress(progress, total, state.step, tc.progress_every) as advance:
         while state.step < total and not state.stopped_early:
             epoch = state.step // steps_per_epoch
             skip = state.step % steps_per_epoch
             order = epoch_order(n_train, tc.seed, epoch).tolist()
-            batches = [order[i : i + tc.batch_size] for i in range(skip * tc.batch_size, n_train, tc.batch_size)]
+            batches = worker_batches(order, tc.batch_size, world.size, world.rank, skip)
             loader = DataLoader(data.train, batch_sampler=batches, num_workers=tc.num_workers)
             for batch in DeviceLoader(loader, device):
                 state.step += 1
@@ -245,11 +359,13 @@ def _train_one(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with autocast(device, tc.precision):
-                    loss = task.loss(model, batch)
-                if not torch.isfinite(loss):
+                    loss = task.loss(trained, batch)
+                # One number for all workers (the loss of the whole batch): they stop together on a NaN.
+                loss_value = all_mean(loss.item(), world, device)
+                if not math.isfinite(loss_value):
                     bf16 = ", use --precision 32" if tc.precision == "bf16" else ""
                     raise TitansError(
-                        f"training diverged: loss is {loss.item()} at step {state.step} (epoch {epoch + 1}); "
+                        f"training diverged: loss is {loss_value} at step {state.step} (epoch {epoch + 1}); "
                         f"lower --lr (now {tc.lr:g}){bf16}, lower model.theta_max / model.chunk_size, or set "
                         "model.inner_clip (e.g. 1.0) for a steadier memory update"
                     )
@@ -261,25 +377,28 @@ def _train_one(
                 if tc.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
-                state.loss_sum += loss.item()
+                state.loss_sum += loss_value
                 state.loss_count += 1
                 advance(state.step, state.loss_sum / state.loss_count)
                 if state.step % tc.log_every == 0:
-                    runs.append_jsonl(
-                        run_dir / runs.METRICS_JSONL,
-                        {
-                            "step": state.step,
-                            "epoch": epoch + 1,
-                            "split": "train",
-                            "loss": state.loss_sum / state.loss_count,
-                            "lr": lr,
-                        },
-                    )
+                    if world.main:
+                        runs.append_jsonl(
+                            run_dir / runs.METRICS_JSONL,
+                            {
+                                "step": state.step,
+                                "epoch": epoch + 1,
+                                "split": "train",
+                                "loss": state.loss_sum / state.loss_count,
+                                "lr": lr,
+                            },
+                        )
                     state.loss_sum, state.loss_count = 0.0, 0
                 end_of_epoch = state.step % steps_per_epoch == 0
                 due = state.step % tc.eval_every == 0 if tc.eval_every else end_of_epoch
                 if due or state.step == total:
-                    metrics = evaluate(data.val)
+                    # Rank 0 evaluates the whole split; the others take its numbers, so all agree on best.pt
+                    # and early stopping.
+                    metrics = from_main(evaluate(data.val) if world.main else None, world)
                     value = metrics[task.primary_metric]
                     improved = is_better(value, state.best, task.higher_is_better)
                     if improved:
@@ -287,25 +406,27 @@ def _train_one(
                     else:
                         state.bad_evals += 1
                         state.stopped_early = 0 < tc.patience <= state.bad_evals
-                    runs.append_jsonl(
-                        run_dir / runs.METRICS_JSONL,
-                        {"step": state.step, "epoch": epoch + 1, "split": "val", **metrics},
-                    )
-                    save_checkpoint(last_path, checkpoint_payload(metrics))
-                    last_saved_step = state.step
-                    if improved:
+                    if world.main:
+                        runs.append_jsonl(
+                            run_dir / runs.METRICS_JSONL,
+                            {"step": state.step, "epoch": epoch + 1, "split": "val", **metrics},
+                        )
+                    save_last(metrics)
+                    if improved and world.main:
                         _copy_atomic(last_path, best_path)
                     mark = " (best)" if improved else f" (best {state.best:.4g} at step {state.best_step})"
                     log(
-                        f"step {state.step} epoch {epoch + 1} loss {loss.item():.4f} "
+                        f"step {state.step} epoch {epoch + 1} loss {loss_value:.4f} "
                         f"val {task.primary_metric} {value:.4f}{mark}"
                     )
                     if state.stopped_early:
                         log(f"early stop: no improvement in {tc.patience} evaluations")
                         break
-                if stop(state.step) and state.step < total:
+                elif tc.save_every and time.monotonic() - saved_at >= tc.save_every:
+                    save_last({})  # a SIGKILL now loses at most save_every seconds of training
+                if any_worker(stop(state.step), world, device) and state.step < total:
                     if last_saved_step != state.step:
-                        save_checkpoint(last_path, checkpoint_payload({}))
+                        save_last({})
                     raise TrainingInterrupted(
                         f"interrupted at step {state.step}; continue with: titans train --resume {run_dir}"
                     )
@@ -313,7 +434,9 @@ def _train_one(
                     break
     train_seconds = time.perf_counter() - started
     if last_saved_step != state.step:
-        save_checkpoint(last_path, checkpoint_payload({}))
+        save_last({})
+    if not world.main:
+        return {}
     if not best_path.is_file():
         raise TitansError(f"no finite validation {task.primary_metric} in {state.step} steps; no best.pt written")
 
@@ -345,6 +468,34 @@ def _train_one(
         if final["split"] == "test"
         else None,
     }
+
+
+def worker_batches(order: list[int], batch_size: int, workers: int, rank: int, skip: int) -> list[list[int]]:
+    """This worker's batches of one epoch: each step takes `batch_size * workers` samples of `order` and hands
+    worker `rank` its slice (the seeded shuffle split like a DistributedSampler), from step `skip` on.
+
+    One worker gets the plain batches. With several, a short last step is filled up from the start of the
+    epoch's order so every worker has the same number of samples (DDP averages equal-weight gradients).
+    """
+    per_step = batch_size * workers
+    out = []
+    for start in range(skip * per_step, len(order), per_step):
+        chunk = order[start : start + per_step]
+        if workers > 1 and len(chunk) < per_step:
+            chunk = chunk + (order * per_step)[: per_step - len(chunk)]
+        out.append(chunk[rank * batch_size : (rank + 1) * batch_size])
+    return out
+
+
+class _DDP(DistributedDataParallel):
+    """DistributedDataParallel that hands attribute reads to the wrapped model: tasks read `model.head`,
+    `model.rc_aug` and the like in their loss."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -383,10 +534,26 @@ def _interrupt_on_sigint(should_stop: StopCheck | None) -> Iterator[StopCheck]:
 
 
 @contextmanager
-def _progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[[int, float], None]]:
-    """A rich progress bar on stderr, only when stderr is a terminal; otherwise a no-op."""
-    if not (enabled and sys.stderr.isatty()):
+def _progress(enabled: bool, total: int, start: int, every: float) -> Iterator[Callable[[int, float], None]]:
+    """A rich progress bar on a terminal; elsewhere (a log file) a line every `every` seconds with the step,
+    the loss, steps/s and the ETA."""
+    if not enabled:
         yield lambda step, loss: None
+        return
+    if not sys.stderr.isatty():
+        t0 = last = time.monotonic()
+
+        def line(step: int, loss: float) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < every and step < total:
+                return
+            last = now
+            rate = (step - start) / max(now - t0, 1e-9)
+            eta = (total - step) / rate if rate > 0 else 0.0
+            _stderr(f"step {step}/{total} loss {loss:.4f} {rate:.2f} steps/s ETA {_clock(eta)}")
+
+        yield line
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -402,3 +569,8 @@ def _progress_bar(enabled: bool, total: int, start: int) -> Iterator[Callable[[i
     ) as bar:
         task_id = bar.add_task("train", total=total, completed=start, loss="-")
         yield lambda step, loss: bar.update(task_id, completed=step, loss=f"{loss:.4f}")
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

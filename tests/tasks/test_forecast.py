@@ -83,7 +83,7 @@ def test_titans_predictions_do_not_depend_on_batch_size_or_order(prepared):
     assert torch.allclose(together, reversed_, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["patch", "time"])
+@pytest.mark.parametrize("layout", ["patch", "time", "variate"])
 def test_long_context_is_read_through_the_memory_in_pieces(layout):
     torch.manual_seed(0)
     x = torch.randn(2, 100, 3)

@@ -14,6 +14,7 @@ import typer
 
 from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result, log
 from titans_cli.errors import UsageError
+from titans_cli.runs import check_output_file, removed_on_failure
 
 FASTA_SUFFIXES = {".fa", ".fasta", ".fna", ".fas"}
 
@@ -37,7 +38,9 @@ def read_input(
         if fasta is None or input_path is not None:
             raise UsageError("BED input is --fasta REF --bed REGIONS (without --input)")
         specs = [fasta_bed.parse_bed_spec(b) for b in bed]
-        rows, _ = fasta_bed.read_regions(fasta, specs, None, length, crop, skip_invalid=False, require_label=False)
+        rows, _ = fasta_bed.read_regions(
+            fasta, specs, None, length, crop, skip_invalid=False, require_label=False, skip_hint=False
+        )
     elif input_path is not None:
         if fasta is not None:
             raise UsageError("--fasta is the reference for --bed; pass a FASTA of sequences as --input")
@@ -55,7 +58,9 @@ def read_input(
 
 def classify(
     run: Annotated[Path, typer.Option(help="A `titans train --task dna` run directory (or a .pt checkpoint).")],
-    out: Annotated[Path, typer.Option(help="Output TSV: id, [chrom start end strand], [label], pred, prob_*.")],
+    out: Annotated[
+        Path, typer.Option(help="Output TSV: id, chrom/start/end/strand (BED input), label (if known), pred, prob_*.")
+    ],
     input_path: Annotated[
         Path | None, typer.Option("--input", help="FASTA (.fa/.fasta/.fna) or CSV/TSV with a sequence column.")
     ] = None,
@@ -89,11 +94,13 @@ def classify(
 
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    beds = {f"--bed {b}": Path(b.rsplit(":", 1)[0]) for b in bed or []}
+    check_output_file(out, "--out", {"--input": input_path, "--fasta": fasta, **beds})
+    rows = read_input(input_path, fasta, bed or [], label_regex, length, crop)  # input errors before the model loads
     loaded = load_run(run, which=checkpoint, device=resolve_device(device))
     if loaded.task.name != "dna":
-        other = "titans forecast" if loaded.task.name == "forecast" else "titans eval"
+        other = "`titans forecast`" if loaded.task.name == "forecast" else "`titans eval`"
         raise UsageError(f"--run {run} is a {loaded.task.name!r} run; classify needs a dna run (try {other})")
-    rows = read_input(input_path, fasta, bed or [], label_regex, length, crop)
     classes = loaded.meta["classes"]
     seqs = rows["sequence"].to_list()
     piece = getattr(loaded.model, "piece_len", 0)
@@ -112,8 +119,9 @@ def classify(
         pl.Series("pred", [classes[i] for i in probs.argmax(1)]),
         *(pl.Series(f"prob_{c}", probs[:, i]) for i, c in enumerate(classes)),
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_text(table.write_csv(separator="\t", float_precision=6), out)
+    with removed_on_failure(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic_text(table.write_csv(separator="\t", float_precision=6), out)
     counts = {c: int((probs.argmax(1) == i).sum()) for i, c in enumerate(classes)}
     result = {"out": str(out), "sequences": len(seqs), "predicted": counts, "streamed": long, "cropped": cropped}
     emit_result(result, json_out)

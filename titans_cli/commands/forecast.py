@@ -13,7 +13,11 @@ import typer
 
 from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result, log
 from titans_cli.commands.prepare_timeseries import choice
-from titans_cli.errors import UsageError
+from titans_cli.errors import DataError, UsageError
+from titans_cli.runs import check_output_file, removed_on_failure
+
+# What matplotlib's savefig writes by file name (the formats of its Agg backend used here).
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 # The command that serves each task's checkpoints, for a one-line hint on a mismatch.
 _COMMAND_FOR = {"dna": "titans classify", "dna-lm": "titans eval", "recall": "titans eval"}
@@ -37,7 +41,7 @@ def forecast(
 ) -> None:
     """Forecast past the last row of --input, with real future timestamps, in original units.
 
-    Example: titans forecast --run runs/etth1 --input data/ETTh1/ETTh1.csv --out forecast.csv --context all
+    Example: titans forecast --run runs/etth1/h96 --input data/ETTh1/ETTh1.csv --out forecast.csv --context all
     """
     from tasks.forecast import forecast_file
     from tasks.forecast_output import plot_forecast, write_table
@@ -48,12 +52,30 @@ def forecast(
     choice(checkpoint, ("best", "last"), "--checkpoint")
     if out.suffix.lower() not in (".csv", ".tsv", ".parquet", ".pq"):
         raise UsageError(f"--out {out}: use a .csv, .tsv or .parquet file name")
+    check_output_file(out, "--out", inputs={"--input": input_path})
+    if plot is not None:
+        if plot.suffix.lower() not in PLOT_SUFFIXES:
+            raise UsageError(f"--plot {plot}: use a {', '.join(PLOT_SUFFIXES)} file name")
+        check_output_file(plot, "--plot", inputs={"--input": input_path, "--out": out})
+    if not input_path.is_file():
+        raise DataError(f"--input {input_path}: file not found")
     loaded = load_run(run, which=checkpoint, device=resolve_device(device))
     if loaded.task.name != "forecast":
         hint = _COMMAND_FOR.get(loaded.task.name, "titans eval")
         raise UsageError(f"--run {run}: a {loaded.task.name!r} run, not a forecast run; use `{hint}`")
     table, history = forecast_file(loaded, input_path, context)  # type: ignore[arg-type]
-    write_table(table, out)
+    # Both files or neither: the plot is drawn to a staged name first, the table written, then the plot renamed.
+    staged = plot.with_name(f".{plot.stem}.staged{plot.suffix}") if plot is not None else None
+    with removed_on_failure(out.parent), removed_on_failure(plot.parent if plot else out.parent):
+        try:
+            if staged is not None:
+                plot_forecast(history, table, loaded.meta, staged)
+            write_table(table, out)
+            if staged is not None:
+                staged.replace(plot)  # type: ignore[arg-type]
+        finally:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
     result = {
         "out": str(out),
         "rows": table.height,
@@ -65,7 +87,7 @@ def forecast(
         "context_rows": history.height if context == "all" else loaded.meta["lookback"],
     }
     if plot is not None:
-        result["plot"] = str(plot_forecast(history, table, loaded.meta, plot))
+        result["plot"] = str(plot)
     log(f"read {result['context_rows']} rows of {input_path} (--context {context})", quiet)
     emit_result(result, json_out, _human)
 

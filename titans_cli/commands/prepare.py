@@ -12,4 +12,5 @@ prepare_app = typer.Typer(
     name="prepare",
     help="Turn raw data into validated Parquet splits plus a manifest (one subcommand per recipe).",
     no_args_is_help=True,
+    epilog="Example: titans prepare timeseries --input data/ETTh1/ETTh1.csv --split ett-hourly --out prepared/etth1",
 )

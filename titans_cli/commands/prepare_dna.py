@@ -68,6 +68,7 @@ def prepare_dna(
         bool, typer.Option("--skip-invalid", help="Drop intervals past a contig end (counted) instead of failing.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the stratified splits.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a prepared set already in --out.")] = False,
     json_out: JsonOut = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -78,6 +79,7 @@ def prepare_dna(
     --test data/GUE_prom_300_tata/test.csv --out data/prom_300_tata
     """
     from data_recipes.dna import DnaPrepareOptions, prepare
+    from data_recipes.output import staged_dir
 
     opts = DnaPrepareOptions(
         train=train,
@@ -98,5 +100,6 @@ def prepare_dna(
         skip_invalid=skip_invalid,
         seed=seed,
     )
-    manifest = prepare(opts, out)
+    with staged_dir(out, overwrite) as stage:
+        manifest = prepare(opts, stage)
     emit_result({"out": str(out), **manifest}, json_out, human=lambda m: summary(m) + f"\nwritten to {m['out']}")

@@ -33,6 +33,7 @@ def recall(
 
     Example: titans prepare recall --out data/recall-1k --seq-len 1024 --pairs 4 --vocab 16
     """
+    from data_recipes.output import staged_dir
     from data_recipes.recall import RecallSpec, prepare
 
     spec = RecallSpec(
@@ -47,7 +48,8 @@ def recall(
         n_test=n_test,
         seed=seed,
     )
-    manifest = prepare(spec, out, overwrite=overwrite)
+    with staged_dir(out, overwrite) as stage:
+        manifest = prepare(spec, stage)
     log(f"wrote {out} ({n_train}/{n_val}/{n_test} sequences of {seq_len} tokens)", quiet)
     rows = {split: info["rows"] for split, info in manifest["splits"].items()}
     emit_result({"out": str(out), "rows": rows, "chance_accuracy": manifest["chance_accuracy"]}, json_out)

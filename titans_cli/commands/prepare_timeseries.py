@@ -46,22 +46,17 @@ def timeseries(
 
     Example: titans prepare timeseries --input data/ETTh1/ETTh1.csv --split ett-hourly --out prepared/etth1
     """
+    from data_recipes.output import staged_dir
     from data_recipes.timeseries import prepare
 
-    manifest = prepare(
-        input_path,
-        out,
-        fmt=choice(fmt, ("wide", "long"), "--format"),  # type: ignore[arg-type]
-        date_col=date_col,
-        id_col=id_col,
-        features=choice(features, ("M", "S", "MS"), "--features"),  # type: ignore[arg-type]
-        target=target,
-        split=split,
-        fill=choice(fill, ("error", "forward", "interpolate"), "--fill"),  # type: ignore[arg-type]
-        lookback=lookback,
-        horizon=horizon,
-        overwrite=overwrite,
-    )
+    fmt = choice(fmt, ("wide", "long"), "--format")
+    features = choice(features, ("M", "S", "MS"), "--features")
+    fill = choice(fill, ("error", "forward", "interpolate"), "--fill")
+    with staged_dir(out, overwrite) as stage:
+        manifest = prepare(
+            input_path, stage, fmt=fmt, date_col=date_col, id_col=id_col, features=features, target=target,  # type: ignore[arg-type]
+            split=split, fill=fill, lookback=lookback, horizon=horizon,  # type: ignore[arg-type]
+        )  # fmt: skip
     filled = sum(manifest["filled"].values())
     if filled:
         log(f"filled {filled} missing values with --fill {fill}", quiet)

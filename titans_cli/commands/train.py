@@ -80,7 +80,8 @@ def train(
         "train.device": ("--device", device),
         "train.precision": ("--precision", precision),
     }
-    flags = {k: (f, str(v) if isinstance(v, Path) else v) for k, (f, v) in given.items() if v is not None}
+    # Paths given on the command line are stored absolute, so the run works from any directory (eval, resume).
+    flags = {k: (f, str(v.absolute()) if isinstance(v, Path) else v) for k, (f, v) in given.items() if v is not None}
 
     def resolve(task_name: str) -> type:
         return get_task(task_name).config_cls
@@ -108,6 +109,7 @@ def train(
             sets=set_ or [],
             flags=flags,
         )
+        cfg = _absolute_paths(cfg, config)
         run_dir = out or Path("runs") / (cfg.run.name or default_run_name(cfg.run.task, cfg.model.variant))
     if print_config:
         typer.echo(dumps_toml(cfg), nl=False)
@@ -121,4 +123,22 @@ def train(
         quiet=quiet,
         progress=progress,
     )
-    emit_result(result, json_out)
+    if result:  # torchrun workers other than rank 0 return nothing to print
+        emit_result(result, json_out)
+
+
+def _absolute_paths(cfg, config: Path | None):  # RunConfig -> RunConfig (config.py imported lazily)
+    """run.data and train.init_from made absolute: relative to the run directory when --config is a run's
+    config.toml (paths inside a run resolve from the run), else to the current directory."""
+    import dataclasses
+
+    from titans_cli.runs import is_run_dir
+
+    base = config.parent if config is not None and is_run_dir(config.parent) else Path.cwd()
+
+    def absolute(value: str) -> str:
+        return str(base / Path(value).expanduser()) if value and not Path(value).expanduser().is_absolute() else value
+
+    run = dataclasses.replace(cfg.run, data=absolute(cfg.run.data))
+    train = dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from))
+    return dataclasses.replace(cfg, run=run, train=train)

@@ -174,7 +174,7 @@ def test_resume_may_extend_training_but_not_change_the_model():
         ("model.inner_clip=-1.0", r"model.inner_clip: must be >= 0"),
         ("model.memory_piece_len=-5", r"model.memory_piece_len: must be >= 0"),
         ("model.attn_branch_init=-0.5", r"model.attn_branch_init: must be >= 0"),
-        ("model.eta_max=1.0", r"model.eta_max: must be in \(0, 1\)"),
+        ("model.eta_max=1.5", r"model.eta_max: must be in \(0, 1\]"),
         ("model.theta_max=0", r"model.theta_max: must be > 0"),
     ],
 )

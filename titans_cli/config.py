@@ -45,8 +45,10 @@ class ModelConfig:
     chunk_size: int = 16  # b: gradients are taken at chunk-start weights (Eqs. 16-18)
     read: Literal["inclusive", "strict"] = "inclusive"  # y_t = M_t(q_t) or M_{t-1}(q_t) (A6)
     theta_max: float = 0.4  # θ_t in (0, θ_max] (A1; spec §11 on stability)
-    eta_max: float = 0.9
-    step_scale: Literal["none", "chunk_momentum", "gram"] = "gram"
+    eta_max: float = 0.9  # η_t in (0, η_max]: momentum always decays (docs/design.md §12)
+    # θ_t's scale (docs/design.md §12): "gram" θ_t (1 − η_t) / r_t with r_t the overlap of k_t with the earlier keys
+    # of its chunk; "none" Eq. 14 as written
+    step_scale: Literal["none", "gram"] = "gram"
     inner_clip: float = 1.0  # > 0: clamp each token's inner error M(k) − v to [−c, c] (Huber; spec §11); 0: off
     checkpoint_chunks: int = 0  # > 0: keep every Nth chunk state for backward, recompute the rest (long sequences)
     memory_piece_len: int = 1024  # longer inputs run through each memory layer in pieces of this many tokens; 0: off
@@ -81,7 +83,7 @@ class ModelConfig:
             ("memory_expansion", self.memory_expansion >= 1, "must be >= 1"),
             ("chunk_size", self.chunk_size >= 1, "must be >= 1"),
             ("theta_max", self.theta_max > 0, "must be > 0"),
-            ("eta_max", 0 < self.eta_max < 1, "must be in (0, 1)"),
+            ("eta_max", 0 < self.eta_max <= 1, "must be in (0, 1] (1: momentum may never decay, Eq. 14 as written)"),
             ("inner_clip", self.inner_clip >= 0, "must be >= 0 (0 disables the clamp)"),
             ("checkpoint_chunks", self.checkpoint_chunks >= 0, "must be >= 0 (0 disables checkpointing)"),
             ("memory_piece_len", self.memory_piece_len >= 0, "must be >= 0 (0 reads any length in one piece)"),

@@ -85,8 +85,7 @@ class NeuralMemory(nn.Module):
         step_scale: "gram" (default) multiplies θ_t by (1 − η_t) / r_t, r_t the overlap of k_t with the earlier keys
             of its chunk (`key_overlap`): momentum then averages the gradients instead of summing them, and keys that
             coincide within a chunk share one step instead of adding b steps at the chunk-start weights, so no gate
-            value makes the update overshoot (docs/design.md §12). "chunk_momentum" divides by b instead of r_t
-            (bounded, but a single write is b times weaker); "none" is Eq. 14 as written.
+            value makes the update overshoot (docs/design.md §12); "none" is Eq. 14 as written.
         conv_kernel: short causal depthwise conv after the q/k/v projections (0 or 1 disables it).
         read: "inclusive" (M_t(q_t)) or "strict" (M_{t-1}(q_t)).
         kernel: memory-update path, see `titans_cli.ops.memory_update.memory_update`.
@@ -129,9 +128,8 @@ class NeuralMemory(nn.Module):
         self.gates = nn.Linear(dim, 3 * heads)
         with torch.no_grad():
             # Initial gates: α ≈ 0.0025 (half-life ~280 tokens, so long-range recall is learnable from the start),
-            # η ≈ 0.5, θ ≈ 0.12·θ_max. The spec's proposal (η ≈ 0.9, θ ≈ θ_max/2) diverges within a few hundred
-            # tokens at chunk 64: each chunk-end step sums ~b correlated gradients (SiLU keys share a positive mean)
-            # amplified by 1/(1−η), i.e. mini-batch GD with too large a step. The gates are learned either way.
+            # η ≈ 0.5·η_max, θ ≈ 0.12·θ_max: small first writes. The bounds of docs/design.md §12 (clamp, η_max,
+            # key-overlap step scale) keep the update stable for any gate value, so the gates are free to learn.
             self.gates.weight.mul_(0.1)
             self.gates.bias.copy_(torch.tensor([-6.0] * heads + [0.0] * heads + [-2.0] * heads))
         d = self.head_dim
@@ -201,8 +199,6 @@ class NeuralMemory(nn.Module):
         if self.step_scale == "gram":
             overlap, keys = key_overlap(k, state.keys, state.position, self.chunk_size)
             theta = theta * (1.0 - eta) / overlap
-        elif self.step_scale == "chunk_momentum":
-            theta = theta * (1.0 - eta) / self.chunk_size
         y, new = memory_update(
             q, k, v, alpha, eta, theta, state,
             chunk_size=self.chunk_size, activation=self.activation, read=self.read, kernel=self.kernel,

@@ -55,7 +55,7 @@ def train(
     Example: titans train --task recall --data data/recall-1k --out runs/recall-mac --variant mac --epochs 4
     """
     from tasks import get_task
-    from tasks.presets import PRESETS
+    from tasks.presets import PRESETS, TASK_DEFAULTS
     from titans_cli.config import check_resume_changes, dumps_toml, load_config, loads_config
     from titans_cli.runs import CONFIG, default_run_name
     from titans_cli.train import run
@@ -109,6 +109,16 @@ def train(
             sets=set_ or [],
             flags=flags,
         )
+        if preset is None and cfg.run.task in TASK_DEFAULTS:
+            # No preset: the task's own recipe is the lowest layer instead of the bare dataclass defaults.
+            cfg = load_config(
+                resolve_task=resolve,
+                config_file=config,
+                preset=TASK_DEFAULTS[cfg.run.task](),
+                preset_name=f"the defaults of --task {cfg.run.task}",
+                sets=set_ or [],
+                flags=flags,
+            )
         cfg = _absolute_paths(cfg, config)
         run_dir = out or Path("runs") / (cfg.run.name or default_run_name(cfg.run.task, cfg.model.variant))
     if print_config:

@@ -132,6 +132,8 @@ def run(
         `{"run_dir", "sub_runs": {name: result}, "summary"}`; `{}` on torchrun workers other than rank 0.
     """
     world = world_from_env()
+    if not resume:
+        cfg = runs.absolute_paths(cfg, Path.cwd())  # a caller's relative paths are from its working directory
     log: Log = _stderr if world.main and not quiet else (lambda _msg: None)
     device = device_for(cfg.train.device, world)
     if resume:

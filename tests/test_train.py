@@ -176,6 +176,8 @@ def test_torchrun_two_workers_at_half_batch_follow_one_process_and_resume(data, 
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a, b)
     assert json.loads((tmp_path / "two" / "env.json").read_text())["workers"] == 2  # (rows once: rank 0 wrote)
+    alone = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "two"), "--max-steps", "9"])
+    assert alone.exit_code == 2 and "trained with 2 worker(s), now 1" in alone.stderr, alone.output
 
 
 def test_progress_lines_outside_a_terminal(data, tmp_path):

@@ -263,6 +263,11 @@ def _train_one(
         log(f"--resume {run_dir}: no {runs.CHECKPOINTS}/last.pt yet; starting from step 0")
         resume = False
     ckpt = read_checkpoint(last_path) if resume else None
+    if ckpt is not None and int(ckpt.get("workers", 1)) != world.size:
+        # The global batch (and so the batch order and the schedule) depends on the number of workers.
+        n = int(ckpt.get("workers", 1))
+        how = f"torchrun --nproc_per_node={n} -m titans_cli train --resume {run_dir}" if n > 1 else "one process"
+        raise UsageError(f"--resume {run_dir}: trained with {n} worker(s), now {world.size}; resume with {how}")
     setup = setup or _setup(cfg, task, run_dir, device, resume)
     data, model, meta_json = setup.data, setup.model, setup.meta_json
     if tc.init_from and not resume:
@@ -332,6 +337,7 @@ def _train_one(
             "rng": rng_state(),
             "train_state": asdict(state),
             "step": state.step,
+            "workers": world.size,  # torchrun processes: the global batch is workers × batch_size
             "epoch": math.ceil(state.step / steps_per_epoch),
             "val_metrics_json": json.dumps(runs.json_safe(val_metrics)),
         }

@@ -2,7 +2,9 @@
 
 Every task trains here (issue 2 §4). Evaluation runs on the validation split at the end of every epoch (or
 every `eval_every` steps) through `task.evaluate`; the best score writes checkpoints/best.pt, every evaluation
-writes last.pt, and the test split is evaluated once, at the end, from best.pt. `resume` continues from last.pt
+(and every `save_every` seconds of training) writes last.pt, and the test split is evaluated once, at the end,
+from best.pt. Under torchrun each worker trains on its share of every batch (DistributedDataParallel) and rank 0
+alone writes. `resume` continues from last.pt
 with model, optimizer, schedule position, RNG streams, batch order and early-stopping state restored, so a
 resumed run reproduces the loss curve of an uninterrupted one. A task with `sub_runs(cfg)` trains one model per
 entry into `RUN/<name>/` and, with `summarize(results)`, writes `RUN/summary.json`.

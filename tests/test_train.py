@@ -149,7 +149,9 @@ def test_sigkill_then_resume_reaches_the_metrics_of_an_uninterrupted_run(data, t
         proc.kill()
     step = read_checkpoint(killed / "checkpoints" / "last.pt")["step"]
     assert 0 < step < 60 and not (killed / "metrics.json").exists()
+    (killed / "checkpoints" / ".last.pt.cut.tmp").write_bytes(b"PK")  # as a kill during a save leaves it
     _invoke("train", "--resume", killed, "-q")
+    assert not list(killed.rglob("*.tmp")) and not (killed / ".lock").exists()
     for name in ("metrics.json", "metrics.jsonl"):
         assert (killed / name).read_text() == (tmp_path / "straight" / name).read_text(), name
     # Killed before the first save: only config.toml (and rows of metrics.jsonl) survive; --resume starts over.

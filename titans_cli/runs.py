@@ -246,6 +246,14 @@ class RunLock:
             self.fd = None
 
 
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete the temporary files of writes a killed process left half-done (`.NAME.XXXX.tmp`, see
+    `atomic_write`) in a run directory and its sub-runs; call it holding the run's lock."""
+    for tmp in run_dir.rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write(fh)` on a temporary file in `path`'s directory, fsync it, then rename it onto `path`.
 

@@ -200,7 +200,9 @@ def _writer(run_dir: Path, world: World, resume: bool, overwrite: bool, subs: li
     created = runs.first_missing(run_dir)
     with runs.RunLock(run_dir):
         try:
-            if not resume:
+            if resume:
+                runs.remove_stale_temps(run_dir)  # a SIGKILL may have cut a write short
+            else:
                 runs.prepare_run_dir(run_dir, overwrite)
             yield
         except BaseException:

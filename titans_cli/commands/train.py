@@ -45,7 +45,13 @@ def train(
     print_config: Annotated[
         bool, typer.Option("--print-config", help="Print the resolved config as TOML and exit.")
     ] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar (TTY only).")] = True,
+    progress: Annotated[
+        bool,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress bar on a terminal; elsewhere a line every train.progress_every seconds.",
+        ),
+    ] = True,
     json_out: JsonOut = False,
     quiet: Quiet = False,
     debug: Debug = False,

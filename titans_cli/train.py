@@ -507,6 +507,8 @@ class _DDP(DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "module":  # not set yet (inside DDP's __init__): no wrapped model to ask
+                raise
             return getattr(self.module, name)
 
 

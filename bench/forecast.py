@@ -5,14 +5,15 @@ ILI (70/10/20 split, lookback 36, horizons 24/36/48/60). Models: `titans` and th
 `dlinear` (tasks/forecast_models.py), all through the same splits, scaler, windows, early stopping on validation
 MSE and metrics. One model per (dataset, model, horizon); test MSE/MAE on the z-scored scale of the best
 validation checkpoint; each (dataset, model) gets its horizon average and wall time. One JSON line per result
-goes to stderr and `OUT/results.jsonl`; the table (markdown) goes to stdout at the end.
+goes to stderr and `OUT/results.jsonl`; the table (markdown) goes to stdout at the end and to `OUT/table.md`.
 
     python bench/forecast.py --datasets ETTh1,ETTm1,ILI --models titans,patchtst,rlinear,dlinear
     python bench/forecast.py --quick          # seconds: a smoke run of every dataset and model
     python bench/forecast.py --val-only ...   # model selection: validation metrics only, test never evaluated
 
-Training settings per model come from the `forecast_paper` preset (Titans) and `PEER_SETS`; per dataset from
-`DATASETS` (lookback, horizons, patch geometry, evaluation cadence); `--set`/`--titans-set`/... override last.
+Every model trains with the `forecast_paper` preset's optimiser and early stopping (the peers with MSE loss and
+their published sizes: task.loss "auto", tasks/forecast_models.py); per dataset, `DATASETS` sets the lookback,
+horizons, patch geometry and evaluation cadence; `--set` / `--titans-set` / `--patchtst-set` ... override last.
 """
 
 from __future__ import annotations
@@ -68,15 +69,6 @@ DATASETS = {
     ),
 }
 
-# Peers: the harness's optimiser (AdamW, warm-up + cosine, batch 32) and early stopping; their own sizes
-# (forecast_models). RLinear and PatchTST always use RevIN; DLinear as published, without.
-PEER_SETS = {
-    "dlinear": ("task.revin=false", "task.skip=false", "task.loss=mse"),
-    "rlinear": ("task.skip=false", "task.loss=mse"),
-    "patchtst": ("task.skip=false", "task.loss=mse"),
-    "titans": (),
-}
-
 # Test MSE / MAE averaged over the four horizons (spec §6.3, Table 3).
 PAPER = {
     "ETTh1": {"titans": (0.420, 0.421), "simba": (0.441, 0.432), "dlinear": (0.456, 0.452)},
@@ -113,7 +105,7 @@ def prepare(data_root: Path, name: str, out: Path, rows: int = 0) -> Path:
 def config_for(model: str, dataset: str, data: Path, horizon: int, sets: list[str], quick: bool = False) -> RunConfig:
     """The `forecast_paper` preset for one (dataset, model, horizon); `--set` overrides come last.
 
-    Order of the overrides: dataset, model (PEER_SETS), the caller's. `quick` starts from the `forecast_tiny`
+    Order of the overrides: the dataset's, then the caller's. `quick` starts from the `forecast_tiny`
     model and trains a few steps.
     """
     base = forecast_paper()
@@ -133,7 +125,7 @@ def config_for(model: str, dataset: str, data: Path, horizon: int, sets: list[st
             patch_stride=spec.patch[1],
         ),
     )
-    every = [*spec.sets, *PEER_SETS[model], *sets]
+    every = [*spec.sets, *sets]
     if quick:
         every.append("train.eval_every=0")
     return load_config(resolve_task=lambda _n: type(base.task), preset=base, preset_name="forecast_paper", sets=every)
@@ -270,6 +262,8 @@ def main() -> None:
                 record["paper"] = {k: {"mse": v[0], "mae": v[1]} for k, v in PAPER[name].items()}
             log(record, args.out)
             rows.append(row)
+            # Rewritten after every (dataset, model), so a run stopped part-way still leaves its table.
+            (args.out / "table.md").write_text(table(rows, f"{split} MSE / MAE") + "\n")
     print(table(rows, f"{split} MSE / MAE"))
     print(f"\nwall time {time.perf_counter() - started_all:.0f} s, {args.threads} threads")
 

@@ -189,13 +189,12 @@ class DLinear(nn.Module):
     has no Titans backbone to transfer.
     """
 
-    def __init__(self, lookback: int, horizon: int, moving_avg: int = 25, revin: bool = False, channels: int = 1):
+    def __init__(self, lookback: int, horizon: int, moving_avg: int = 25):
         super().__init__()
         self.lookback, self.horizon = lookback, horizon
         self.decompose = MovingAverage(moving_avg)
         self.seasonal = nn.Linear(lookback, horizon)
         self.trend = nn.Linear(lookback, horizon)
-        self.revin = RevIN(channels) if revin else None
         # DLinear's initialisation: every output step starts as the mean of the lookback.
         for layer in (self.seasonal, self.trend):
             nn.init.constant_(layer.weight, 1.0 / lookback)
@@ -203,13 +202,9 @@ class DLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [B, T, C] → [B, H, C] from the last `lookback` rows."""
         x = x[:, -self.lookback :, :]
-        stats = None
-        if self.revin is not None:
-            x, stats = self.revin.normalize(x, self.lookback)
         trend = self.decompose(x)
         y = self.seasonal((x - trend).transpose(1, 2)) + self.trend(trend.transpose(1, 2))
-        y = y.transpose(1, 2)
-        return self.revin.denormalize(y, stats) if stats is not None else y
+        return y.transpose(1, 2)
 
 
 class RLinear(nn.Module):
@@ -299,7 +294,7 @@ def build_forecaster(model_cfg: Any, task_cfg: Any, channels: int) -> nn.Module:
     ("dlinear", "rlinear", "patchtst"; these ignore `model_cfg`)."""
     t = task_cfg
     if t.model == "dlinear":
-        return DLinear(t.lookback, t.pred_len, t.moving_avg, t.revin, channels)
+        return DLinear(t.lookback, t.pred_len, t.moving_avg)
     if t.model == "rlinear":
         return RLinear(t.lookback, t.pred_len, channels, dropout=t.head_dropout)
     if t.model == "patchtst":

@@ -149,7 +149,9 @@ def test_sigkill_then_resume_reaches_the_metrics_of_an_uninterrupted_run(data, t
         proc.kill()
     step = read_checkpoint(killed / "checkpoints" / "last.pt")["step"]
     assert 0 < step < 60 and not (killed / "metrics.json").exists()
+    (killed / "checkpoints" / ".last.pt.cut.tmp").write_bytes(b"PK")  # as a kill during a save leaves it
     _invoke("train", "--resume", killed, "-q")
+    assert not list(killed.rglob("*.tmp")) and not (killed / ".lock").exists()
     for name in ("metrics.json", "metrics.jsonl"):
         assert (killed / name).read_text() == (tmp_path / "straight" / name).read_text(), name
     # Killed before the first save: only config.toml (and rows of metrics.jsonl) survive; --resume starts over.
@@ -176,6 +178,8 @@ def test_torchrun_two_workers_at_half_batch_follow_one_process_and_resume(data, 
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a, b)
     assert json.loads((tmp_path / "two" / "env.json").read_text())["workers"] == 2  # (rows once: rank 0 wrote)
+    alone = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "two"), "--max-steps", "9"])
+    assert alone.exit_code == 2 and "trained with 2 worker(s), now 1" in alone.stderr, alone.output
 
 
 def test_progress_lines_outside_a_terminal(data, tmp_path):

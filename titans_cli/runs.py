@@ -162,6 +162,20 @@ def resolve_in_run(run_dir: Path, value: str) -> Path:
     return path if path.is_absolute() else Path(run_dir) / path
 
 
+def absolute_paths(cfg: Any, base: Path) -> Any:
+    """A RunConfig whose run.data and train.init_from are absolute (relative ones taken from `base`): what a new
+    run stores, so that it works from any working directory."""
+    import dataclasses
+
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(base.absolute() / path) if value and not path.is_absolute() else value
+
+    run = dataclasses.replace(cfg.run, data=absolute(cfg.run.data))
+    train = dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from))
+    return dataclasses.replace(cfg, run=run, train=train)
+
+
 def check_unlocked(run_dir: Path) -> None:
     """`UsageError` naming the PID if another process holds `run_dir`'s lock (see `RunLock`)."""
     path = run_dir / LOCK
@@ -230,6 +244,14 @@ class RunLock:
             (self.run_dir / LOCK).unlink(missing_ok=True)  # unlink while holding it, then let go
             os.close(self.fd)
             self.fd = None
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete the temporary files of writes a killed process left half-done (`.NAME.XXXX.tmp`, see
+    `atomic_write`) in a run directory and its sub-runs; call it holding the run's lock."""
+    for tmp in run_dir.rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:

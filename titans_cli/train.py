@@ -2,7 +2,9 @@
 
 Every task trains here (issue 2 §4). Evaluation runs on the validation split at the end of every epoch (or
 every `eval_every` steps) through `task.evaluate`; the best score writes checkpoints/best.pt, every evaluation
-writes last.pt, and the test split is evaluated once, at the end, from best.pt. `resume` continues from last.pt
+(and every `save_every` seconds of training) writes last.pt, and the test split is evaluated once, at the end,
+from best.pt. Under torchrun each worker trains on its share of every batch (DistributedDataParallel) and rank 0
+alone writes. `resume` continues from last.pt
 with model, optimizer, schedule position, RNG streams, batch order and early-stopping state restored, so a
 resumed run reproduces the loss curve of an uninterrupted one. A task with `sub_runs(cfg)` trains one model per
 entry into `RUN/<name>/` and, with `summarize(results)`, writes `RUN/summary.json`.
@@ -132,6 +134,8 @@ def run(
         `{"run_dir", "sub_runs": {name: result}, "summary"}`; `{}` on torchrun workers other than rank 0.
     """
     world = world_from_env()
+    if not resume:
+        cfg = runs.absolute_paths(cfg, Path.cwd())  # a caller's relative paths are from its working directory
     log: Log = _stderr if world.main and not quiet else (lambda _msg: None)
     device = device_for(cfg.train.device, world)
     if resume:
@@ -196,7 +200,9 @@ def _writer(run_dir: Path, world: World, resume: bool, overwrite: bool, subs: li
     created = runs.first_missing(run_dir)
     with runs.RunLock(run_dir):
         try:
-            if not resume:
+            if resume:
+                runs.remove_stale_temps(run_dir)  # a SIGKILL may have cut a write short
+            else:
                 runs.prepare_run_dir(run_dir, overwrite)
             yield
         except BaseException:
@@ -261,6 +267,11 @@ def _train_one(
         log(f"--resume {run_dir}: no {runs.CHECKPOINTS}/last.pt yet; starting from step 0")
         resume = False
     ckpt = read_checkpoint(last_path) if resume else None
+    if ckpt is not None and int(ckpt.get("workers", 1)) != world.size:
+        # The global batch (and so the batch order and the schedule) depends on the number of workers.
+        n = int(ckpt.get("workers", 1))
+        how = f"torchrun --nproc_per_node={n} -m titans_cli train --resume {run_dir}" if n > 1 else "one process"
+        raise UsageError(f"--resume {run_dir}: trained with {n} worker(s), now {world.size}; resume with {how}")
     setup = setup or _setup(cfg, task, run_dir, device, resume)
     data, model, meta_json = setup.data, setup.model, setup.meta_json
     if tc.init_from and not resume:
@@ -330,6 +341,7 @@ def _train_one(
             "rng": rng_state(),
             "train_state": asdict(state),
             "step": state.step,
+            "workers": world.size,  # torchrun processes: the global batch is workers × batch_size
             "epoch": math.ceil(state.step / steps_per_epoch),
             "val_metrics_json": json.dumps(runs.json_safe(val_metrics)),
         }
@@ -495,6 +507,8 @@ class _DDP(DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "module":  # not set yet (inside DDP's __init__): no wrapped model to ask
+                raise
             return getattr(self.module, name)
 
 

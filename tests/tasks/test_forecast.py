@@ -138,7 +138,10 @@ def test_multi_horizon_sub_runs_and_summary(prepared):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"patch_len": 16, "patch_stride": 7}, "task.patch_stride: must divide lookback - patch_len = 80"),
+        (
+            {"layout": "patch", "patch_len": 16, "patch_stride": 7},
+            "task.patch_stride: must divide lookback - patch_len = 80",
+        ),
         ({"horizon": (96, 96)}, "task.horizon: lists a horizon twice"),
         ({"horizon": (0,)}, "task.horizon: must be positive integers"),
         ({"lookback": 8}, "task.patch_len: must be between 1 and the lookback"),

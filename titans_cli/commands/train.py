@@ -45,7 +45,13 @@ def train(
     print_config: Annotated[
         bool, typer.Option("--print-config", help="Print the resolved config as TOML and exit.")
     ] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar (TTY only).")] = True,
+    progress: Annotated[
+        bool,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress bar on a terminal; elsewhere a line every train.progress_every seconds.",
+        ),
+    ] = True,
     json_out: JsonOut = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -57,7 +63,7 @@ def train(
     from tasks import get_task
     from tasks.presets import PRESETS, TASK_DEFAULTS
     from titans_cli.config import check_resume_changes, dumps_toml, load_config, loads_config
-    from titans_cli.runs import CONFIG, default_run_name
+    from titans_cli.runs import CONFIG, absolute_paths, default_run_name, is_run_dir
     from titans_cli.train import run
 
     given = {
@@ -119,7 +125,8 @@ def train(
                 sets=set_ or [],
                 flags=flags,
             )
-        cfg = _absolute_paths(cfg, config)
+        # Relative paths in a run's own config.toml are relative to that run (as everywhere inside a run).
+        cfg = absolute_paths(cfg, config.parent if config is not None and is_run_dir(config.parent) else Path.cwd())
         run_dir = out or Path("runs") / (cfg.run.name or default_run_name(cfg.run.task, cfg.model.variant))
     if print_config:
         typer.echo(dumps_toml(cfg), nl=False)
@@ -135,20 +142,3 @@ def train(
     )
     if result:  # torchrun workers other than rank 0 return nothing to print
         emit_result(result, json_out)
-
-
-def _absolute_paths(cfg, config: Path | None):  # RunConfig -> RunConfig (config.py imported lazily)
-    """run.data and train.init_from made absolute: relative to the run directory when --config is a run's
-    config.toml (paths inside a run resolve from the run), else to the current directory."""
-    import dataclasses
-
-    from titans_cli.runs import is_run_dir
-
-    base = config.parent if config is not None and is_run_dir(config.parent) else Path.cwd()
-
-    def absolute(value: str) -> str:
-        return str(base / Path(value).expanduser()) if value and not Path(value).expanduser().is_absolute() else value
-
-    run = dataclasses.replace(cfg.run, data=absolute(cfg.run.data))
-    train = dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from))
-    return dataclasses.replace(cfg, run=run, train=train)

@@ -226,7 +226,7 @@ class _Setup:
     meta_json: str
 
 
-def _setup(cfg: RunConfig, task: Any, run_dir: Path, device: torch.device, resume: bool) -> _Setup:
+def _setup(cfg: RunConfig, task: Task, run_dir: Path, device: torch.device, resume: bool) -> _Setup:
     """Load the data and build the model (with init_from weights); every failure here precedes any file."""
     tc = cfg.train
     seed_everything(tc.seed, tc.deterministic)
@@ -248,21 +248,204 @@ def _setup(cfg: RunConfig, task: Any, run_dir: Path, device: torch.device, resum
     return _Setup(data, model, meta_json)
 
 
-def _train_one(
+@dataclass
+class _Training:
+    """One model's training between `_start` (resume rules, optimizer, schedule, restored state) and
+    `final_test`; `step` is one optimizer step, `evaluate_and_save` one validation with its checkpoints."""
+
+    cfg: RunConfig
+    task: Task
+    run_dir: Path
+    log: Log
+    world: World
+    device: torch.device
+    data: Any
+    model: nn.Module
+    trained: nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun
+    meta_json: str
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    total: int
+    warmup: int
+    steps_per_epoch: int
+    held: list[nn.Parameter]  # attention-branch weights fixed for the first train.memory_warmup steps
+    last_saved_step: int
+    saved_at: float
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / runs.CHECKPOINTS / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / runs.CHECKPOINTS / "best.pt"
+
+    def evaluate(self, dataset: Any) -> dict[str, Any]:
+        tc = self.cfg.train
+        return evaluate_split(
+            self.task, self.model, dataset, self.data.meta, batch_size=tc.eval_batch_size or tc.batch_size,
+            device=self.device, precision=tc.precision, num_workers=tc.num_workers,
+        )  # fmt: skip
+
+    def checkpoint_payload(self, val_metrics: dict[str, Any]) -> dict[str, Any]:
+        tc, state = self.cfg.train, self.state
+        return {
+            "task": self.task.name,
+            "config_toml": dumps_toml(self.cfg),
+            "meta_json": self.meta_json,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {
+                "kind": "warmup_cosine",
+                "total_steps": self.total,
+                "warmup_steps": self.warmup,
+                "base_lr": tc.lr,
+                "min_lr_ratio": tc.min_lr_ratio,
+            },
+            "rng": rng_state(),
+            "train_state": asdict(state),
+            "step": state.step,
+            "workers": self.world.size,  # torchrun processes: the global batch is workers × batch_size
+            "epoch": math.ceil(state.step / self.steps_per_epoch),
+            "val_metrics_json": json.dumps(runs.json_safe(val_metrics)),
+        }
+
+    def save_last(self, val_metrics: dict[str, Any]) -> None:
+        if self.world.main:
+            save_checkpoint(self.last_path, self.checkpoint_payload(val_metrics))
+        self.last_saved_step, self.saved_at = self.state.step, time.monotonic()
+
+    def epoch_loader(self, epoch: int) -> DeviceLoader:
+        """This worker's batches of `epoch` from the current step on (a resumed epoch skips those it trained)."""
+        tc, world = self.cfg.train, self.world
+        skip = self.state.step % self.steps_per_epoch
+        order = epoch_order(len(self.data.train), tc.seed, epoch).tolist()
+        batches = worker_batches(order, tc.batch_size, world.size, world.rank, skip)
+        return DeviceLoader(DataLoader(self.data.train, batch_sampler=batches, num_workers=tc.num_workers), self.device)
+
+    def step(self, batch: Any, epoch: int, advance: Callable[[int, float], None]) -> float:
+        """One optimizer step on `batch`; returns the batch's loss (the mean over all workers)."""
+        tc, state, world = self.cfg.train, self.state, self.world
+        state.step += 1
+        lr = lr_at(state.step, self.total, self.warmup, tc.lr, tc.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(self.device, tc.precision):
+            loss = self.task.loss(self.trained, batch)
+        # One number for all workers (the loss of the whole batch): they stop together on a NaN.
+        loss_value = all_mean(loss.item(), world, self.device)
+        if not math.isfinite(loss_value):
+            bf16 = ", use --precision 32" if tc.precision == "bf16" else ""
+            raise TitansError(
+                f"training diverged: loss is {loss_value} at step {state.step} (epoch {epoch + 1}); "
+                f"lower --lr (now {tc.lr:g}){bf16}, lower model.theta_max / model.chunk_size, or set "
+                "model.inner_clip (e.g. 1.0) for a steadier memory update"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if state.step <= tc.memory_warmup:
+            for p in self.held:
+                p.grad = None  # AdamW skips a parameter without a gradient: no step, no moments
+        if tc.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        state.loss_sum += loss_value
+        state.loss_count += 1
+        advance(state.step, state.loss_sum / state.loss_count)
+        if state.step % tc.log_every == 0:
+            if world.main:
+                runs.append_jsonl(
+                    self.run_dir / runs.METRICS_JSONL,
+                    {
+                        "step": state.step,
+                        "epoch": epoch + 1,
+                        "split": "train",
+                        "loss": state.loss_sum / state.loss_count,
+                        "lr": lr,
+                    },
+                )
+            state.loss_sum, state.loss_count = 0.0, 0
+        return loss_value
+
+    def evaluate_and_save(self, epoch: int, loss_value: float) -> None:
+        """Validate, keep best.pt and last.pt, count evaluations without improvement (`state.stopped_early`)."""
+        tc, state, world, task = self.cfg.train, self.state, self.world, self.task
+        # Rank 0 evaluates the whole split; the others take its numbers, so all agree on best.pt and early stopping.
+        metrics = from_main(self.evaluate(self.data.val) if world.main else None, world)
+        value = metrics[task.primary_metric]
+        improved = is_better(value, state.best, task.higher_is_better)
+        if improved:
+            state.best, state.best_step, state.bad_evals = value, state.step, 0
+        else:
+            state.bad_evals += 1
+            state.stopped_early = 0 < tc.patience <= state.bad_evals
+        if world.main:
+            runs.append_jsonl(
+                self.run_dir / runs.METRICS_JSONL,
+                {"step": state.step, "epoch": epoch + 1, "split": "val", **metrics},
+            )
+        self.save_last(metrics)
+        if improved and world.main:
+            _copy_atomic(self.last_path, self.best_path)
+        mark = " (best)" if improved else f" (best {state.best:.4g} at step {state.best_step})"
+        self.log(
+            f"step {state.step} epoch {epoch + 1} loss {loss_value:.4f} val {task.primary_metric} {value:.4f}{mark}"
+        )
+        if state.stopped_early:
+            self.log(f"early stop: no improvement in {tc.patience} evaluations")
+
+    def final_test(self, train_seconds: float) -> dict[str, Any]:
+        """Save the last step, then test best.pt once (conventions §8, pitfall 6); metrics.json and the summary."""
+        state, task, run_dir = self.state, self.task, self.run_dir
+        if self.last_saved_step != state.step:
+            self.save_last({})
+        if not self.world.main:
+            return {}
+        if not self.best_path.is_file():
+            raise TitansError(f"no finite validation {task.primary_metric} in {state.step} steps; no best.pt written")
+        best = read_checkpoint(self.best_path, device="cpu")
+        self.model.load_state_dict(best["model"])
+        best_val = json.loads(best["val_metrics_json"])
+        final: dict[str, Any] = {"split": "val", "checkpoint": "best.pt", "step": state.best_step, **best_val}
+        if self.data.test is not None and len(self.data.test) > 0:
+            final = {
+                "split": "test",
+                "checkpoint": "best.pt",
+                "step": state.best_step,
+                **self.evaluate(self.data.test),
+                "val": best_val,
+            }
+        runs.write_json(run_dir / runs.METRICS, final)
+        runs.write_metrics_csv(run_dir)
+        return {
+            "run_dir": str(run_dir),
+            "task": task.name,
+            "variant": self.cfg.model.variant,
+            "steps": state.step,
+            "best_step": state.best_step,
+            "stopped_early": state.stopped_early,
+            "train_seconds": round(train_seconds, 2),
+            "val": best_val,
+            "test": {k: v for k, v in final.items() if k not in ("split", "checkpoint", "step", "val")}
+            if final["split"] == "test"
+            else None,
+        }
+
+
+def _start(
     cfg: RunConfig,
-    task: Any,
+    task: Task,
     run_dir: Path,
     resume: bool,
     log: Log,
-    progress: bool,
-    stop: StopCheck,
     world: World,
     device: torch.device,
     setup: _Setup | None,
-) -> dict[str, Any]:
+) -> _Training:
+    """Everything before the first step: the resume rules, data and model (`_setup`), optimizer and schedule, the
+    restored state of last.pt, and the run's env.json, config.toml and first log line."""
     tc = cfg.train
     last_path = run_dir / runs.CHECKPOINTS / "last.pt"
-    best_path = run_dir / runs.CHECKPOINTS / "best.pt"
     if resume and not last_path.is_file():
         # Killed before its first save: nothing was kept but the config, so the run starts over (same seed).
         log(f"--resume {run_dir}: no {runs.CHECKPOINTS}/last.pt yet; starting from step 0")
@@ -318,169 +501,53 @@ def _train_one(
     trained: nn.Module = (
         _DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
     )
+    return _Training(
+        cfg=cfg, task=task, run_dir=run_dir, log=log, world=world, device=device, data=data, model=model,
+        trained=trained, meta_json=meta_json, optimizer=optimizer, state=state, total=total, warmup=warmup,
+        steps_per_epoch=steps_per_epoch, held=attn_branch_weights(model) if tc.memory_warmup else [],
+        last_saved_step=state.step if ckpt is not None else -1, saved_at=time.monotonic(),
+    )  # fmt: skip
 
-    def evaluate(dataset: Any) -> dict[str, Any]:
-        return evaluate_split(
-            task, model, dataset, data.meta, batch_size=tc.eval_batch_size or tc.batch_size, device=device,
-            precision=tc.precision, num_workers=tc.num_workers,
-        )  # fmt: skip
 
-    def checkpoint_payload(val_metrics: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "task": task.name,
-            "config_toml": dumps_toml(cfg),
-            "meta_json": meta_json,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {
-                "kind": "warmup_cosine",
-                "total_steps": total,
-                "warmup_steps": warmup,
-                "base_lr": tc.lr,
-                "min_lr_ratio": tc.min_lr_ratio,
-            },
-            "rng": rng_state(),
-            "train_state": asdict(state),
-            "step": state.step,
-            "workers": world.size,  # torchrun processes: the global batch is workers × batch_size
-            "epoch": math.ceil(state.step / steps_per_epoch),
-            "val_metrics_json": json.dumps(runs.json_safe(val_metrics)),
-        }
-
-    last_saved_step = state.step if ckpt is not None else -1
-    saved_at = time.monotonic()
-
-    def save_last(val_metrics: dict[str, Any]) -> None:
-        nonlocal last_saved_step, saved_at
-        if world.main:
-            save_checkpoint(last_path, checkpoint_payload(val_metrics))
-        last_saved_step, saved_at = state.step, time.monotonic()
-
-    held = attn_branch_weights(model) if tc.memory_warmup else []  # fixed for the first memory_warmup steps
+def _train_one(
+    cfg: RunConfig,
+    task: Task,
+    run_dir: Path,
+    resume: bool,
+    log: Log,
+    progress: bool,
+    stop: StopCheck,
+    world: World,
+    device: torch.device,
+    setup: _Setup | None,
+) -> dict[str, Any]:
+    """Train one model: `_start`, then `step` with `evaluate_and_save` when due, then `final_test`."""
+    t = _start(cfg, task, run_dir, resume, log, world, device, setup)
+    tc, state = cfg.train, t.state
     started = time.perf_counter()
-    model.train()
-    with _progress(progress, total, state.step, tc.progress_every) as advance:
-        while state.step < total and not state.stopped_early:
-            epoch = state.step // steps_per_epoch
-            skip = state.step % steps_per_epoch
-            order = epoch_order(n_train, tc.seed, epoch).tolist()
-            batches = worker_batches(order, tc.batch_size, world.size, world.rank, skip)
-            loader = DataLoader(data.train, batch_sampler=batches, num_workers=tc.num_workers)
-            for batch in DeviceLoader(loader, device):
-                state.step += 1
-                lr = lr_at(state.step, total, warmup, tc.lr, tc.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast(device, tc.precision):
-                    loss = task.loss(trained, batch)
-                # One number for all workers (the loss of the whole batch): they stop together on a NaN.
-                loss_value = all_mean(loss.item(), world, device)
-                if not math.isfinite(loss_value):
-                    bf16 = ", use --precision 32" if tc.precision == "bf16" else ""
-                    raise TitansError(
-                        f"training diverged: loss is {loss_value} at step {state.step} (epoch {epoch + 1}); "
-                        f"lower --lr (now {tc.lr:g}){bf16}, lower model.theta_max / model.chunk_size, or set "
-                        "model.inner_clip (e.g. 1.0) for a steadier memory update"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if state.step <= tc.memory_warmup:
-                    for p in held:
-                        p.grad = None  # AdamW skips a parameter without a gradient: no step, no moments
-                if tc.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                state.loss_sum += loss_value
-                state.loss_count += 1
-                advance(state.step, state.loss_sum / state.loss_count)
-                if state.step % tc.log_every == 0:
-                    if world.main:
-                        runs.append_jsonl(
-                            run_dir / runs.METRICS_JSONL,
-                            {
-                                "step": state.step,
-                                "epoch": epoch + 1,
-                                "split": "train",
-                                "loss": state.loss_sum / state.loss_count,
-                                "lr": lr,
-                            },
-                        )
-                    state.loss_sum, state.loss_count = 0.0, 0
-                end_of_epoch = state.step % steps_per_epoch == 0
+    t.model.train()
+    with _progress(progress, t.total, state.step, tc.progress_every) as advance:
+        while state.step < t.total and not state.stopped_early:
+            epoch = state.step // t.steps_per_epoch
+            for batch in t.epoch_loader(epoch):
+                loss_value = t.step(batch, epoch, advance)
+                end_of_epoch = state.step % t.steps_per_epoch == 0
                 due = state.step % tc.eval_every == 0 if tc.eval_every else end_of_epoch
-                if due or state.step == total:
-                    # Rank 0 evaluates the whole split; the others take its numbers, so all agree on best.pt
-                    # and early stopping.
-                    metrics = from_main(evaluate(data.val) if world.main else None, world)
-                    value = metrics[task.primary_metric]
-                    improved = is_better(value, state.best, task.higher_is_better)
-                    if improved:
-                        state.best, state.best_step, state.bad_evals = value, state.step, 0
-                    else:
-                        state.bad_evals += 1
-                        state.stopped_early = 0 < tc.patience <= state.bad_evals
-                    if world.main:
-                        runs.append_jsonl(
-                            run_dir / runs.METRICS_JSONL,
-                            {"step": state.step, "epoch": epoch + 1, "split": "val", **metrics},
-                        )
-                    save_last(metrics)
-                    if improved and world.main:
-                        _copy_atomic(last_path, best_path)
-                    mark = " (best)" if improved else f" (best {state.best:.4g} at step {state.best_step})"
-                    log(
-                        f"step {state.step} epoch {epoch + 1} loss {loss_value:.4f} "
-                        f"val {task.primary_metric} {value:.4f}{mark}"
-                    )
+                if due or state.step == t.total:
+                    t.evaluate_and_save(epoch, loss_value)
                     if state.stopped_early:
-                        log(f"early stop: no improvement in {tc.patience} evaluations")
                         break
-                elif tc.save_every and time.monotonic() - saved_at >= tc.save_every:
-                    save_last({})  # a SIGKILL now loses at most save_every seconds of training
-                if any_worker(stop(state.step), world, device) and state.step < total:
-                    if last_saved_step != state.step:
-                        save_last({})
+                elif tc.save_every and time.monotonic() - t.saved_at >= tc.save_every:
+                    t.save_last({})  # a SIGKILL now loses at most save_every seconds of training
+                if any_worker(stop(state.step), world, device) and state.step < t.total:
+                    if t.last_saved_step != state.step:
+                        t.save_last({})
                     raise TrainingInterrupted(
                         f"interrupted at step {state.step}; continue with: titans train --resume {run_dir}"
                     )
-                if state.step >= total:
+                if state.step >= t.total:
                     break
-    train_seconds = time.perf_counter() - started
-    if last_saved_step != state.step:
-        save_last({})
-    if not world.main:
-        return {}
-    if not best_path.is_file():
-        raise TitansError(f"no finite validation {task.primary_metric} in {state.step} steps; no best.pt written")
-
-    # Test metrics come from best.pt only, evaluated once (conventions §8, pitfall 6).
-    best = read_checkpoint(best_path, device="cpu")
-    model.load_state_dict(best["model"])
-    best_val = json.loads(best["val_metrics_json"])
-    final: dict[str, Any] = {"split": "val", "checkpoint": "best.pt", "step": state.best_step, **best_val}
-    if data.test is not None and len(data.test) > 0:
-        final = {
-            "split": "test",
-            "checkpoint": "best.pt",
-            "step": state.best_step,
-            **evaluate(data.test),
-            "val": best_val,
-        }
-    runs.write_json(run_dir / runs.METRICS, final)
-    runs.write_metrics_csv(run_dir)
-    return {
-        "run_dir": str(run_dir),
-        "task": task.name,
-        "variant": cfg.model.variant,
-        "steps": state.step,
-        "best_step": state.best_step,
-        "stopped_early": state.stopped_early,
-        "train_seconds": round(train_seconds, 2),
-        "val": best_val,
-        "test": {k: v for k, v in final.items() if k not in ("split", "checkpoint", "step", "val")}
-        if final["split"] == "test"
-        else None,
-    }
+    return t.final_test(time.perf_counter() - started)
 
 
 def worker_batches(order: list[int], batch_size: int, workers: int, rank: int, skip: int) -> list[list[int]]:

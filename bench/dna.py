@@ -29,11 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_recipes.dna import DnaPrepareOptions, prepare  # noqa: E402
+from tasks import get_task  # noqa: E402
 from tasks.dna import TASK  # noqa: E402
 from tasks.presets import PRESETS  # noqa: E402
-from titans_cli.checkpoint import load_run  # noqa: E402
-from titans_cli.config import RunConfig, load_config  # noqa: E402
-from titans_cli.train import run as train_run  # noqa: E402
+from titans_cli.engine.checkpoint import load_run  # noqa: E402
+from titans_cli.engine.config import RunConfig, load_config  # noqa: E402
+from titans_cli.engine.train import run as train_run  # noqa: E402
 
 GUE = REPO / "data" / "GUE_prom_300_tata"
 AUROC_TARGET = 0.81
@@ -100,7 +101,7 @@ def main() -> None:
                 "preset": preset,
                 "seed": seed,
                 "variant": cfg.model.variant if cfg.task.model == "titans" else "cnn",
-                "params": sum(p.numel() for p in load_run(run_dir).model.parameters()),
+                "params": sum(p.numel() for p in load_run(run_dir, get_task=get_task).model.parameters()),
                 "steps": out["steps"],
                 "best_step": out["best_step"],
                 "train_seconds": out["train_seconds"],

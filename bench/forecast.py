@@ -33,12 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_recipes import timeseries as ts  # noqa: E402
+from tasks import get_task  # noqa: E402
 from tasks.forecast import TASK, ForecastTask, window_datasets  # noqa: E402
 from tasks.presets import forecast_paper, forecast_tiny  # noqa: E402
-from titans_cli.checkpoint import load_run  # noqa: E402
-from titans_cli.config import RunConfig, load_config  # noqa: E402
-from titans_cli.metrics import ErrorSums  # noqa: E402
-from titans_cli.train import run as train_run  # noqa: E402
+from titans_cli.engine.checkpoint import load_run  # noqa: E402
+from titans_cli.engine.config import RunConfig, load_config  # noqa: E402
+from titans_cli.engine.metrics import ErrorSums  # noqa: E402
+from titans_cli.engine.train import run as train_run  # noqa: E402
 
 MODELS = ("titans", "patchtst", "rlinear", "dlinear")
 
@@ -162,7 +163,7 @@ def table(rows: list[dict[str, Any]], metric: str) -> str:
 def context_check(run: Path, cutoffs: int) -> dict[str, Any]:
     """Test MSE at `cutoffs` evenly spaced test windows: the last `lookback` rows only vs every row of the
     file before the window (read through the memory in pieces, as `titans forecast --context all`)."""
-    loaded = load_run(run)
+    loaded = load_run(run, get_task=get_task)
     t, meta = loaded.cfg.task, loaded.meta
     datasets, _, _ = window_datasets(Path(loaded.cfg.run.data), t.lookback, t.pred_len, scaler=meta["scaler"])
     test = datasets["test"]

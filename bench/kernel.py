@@ -65,7 +65,7 @@ def build_layer(path: str, args: argparse.Namespace, device: Any) -> Callable[[A
             default_model_kwargs=dict(depth=args.depth, expansion_factor=4.0),
         ).to(device)  # fmt: skip
         return lambda x: layer(x)[0]
-    from titans_cli.memory import NeuralMemory
+    from titans_cli.backbone.memory import NeuralMemory
 
     layer = NeuralMemory(args.dim, args.heads, depth=args.depth, chunk_size=args.chunk, kernel=path)
     layer = layer.to(device)
@@ -78,7 +78,7 @@ def build_update(path: str, args: argparse.Namespace, device: Any) -> Callable[[
     import torch
     import torch.nn.functional as F
 
-    from titans_cli.ops.memory_update import MemoryState, memory_update
+    from titans_cli.backbone.ops.memory_update import MemoryState, memory_update
 
     if path not in ("triton", "torch"):
         raise ValueError("--update-only times our two paths (titans-pytorch has no separate update)")

@@ -35,7 +35,7 @@ def _peak_rss_mb() -> float:
 def _ours(cfg: dict):
     import torch
 
-    from titans_cli.memory import NeuralMemory
+    from titans_cli.backbone.memory import NeuralMemory
 
     return NeuralMemory(
         cfg["dim"], cfg["heads"], depth=cfg["depth"], expansion=cfg["expansion"], chunk_size=cfg["chunk"],
@@ -66,15 +66,18 @@ def run_one(cfg: dict) -> dict:
     else:
         mem, _ = _ours(cfg)
     if cfg.get("compile"):
-        import functools
-
-        import titans_cli.ops.memory_update as ops
-        import titans_cli.ops.memory_update.chunk as chunk
+        import titans_cli.backbone.ops.memory_update as ops
+        import titans_cli.backbone.ops.memory_update.naive as naive
 
         # Experiment only (performance.md): torch.compile the per-chunk step with static shapes, not the chunk
-        # loop. Inductor needs a traceable step, so this row runs the plain autograd step (fused=False) compiled.
-        chunk._chunk_step = torch.compile(chunk._chunk_step, dynamic=False)
-        ops.chunk_memory_update = functools.partial(chunk.chunk_memory_update, fused=False)
+        # loop. Inductor needs a traceable step, so this row runs the plain autograd step (the readable reference
+        # naive_chunk_memory_update) compiled in place of the torch kernel.
+        naive.naive_chunk_step = torch.compile(naive.naive_chunk_step, dynamic=False)
+
+        def compiled_reference(*args, checkpoint_chunks=0, **kwargs):
+            return naive.naive_chunk_memory_update(*args, **kwargs)
+
+        ops.torch_memory_update = compiled_reference
     B, T = cfg["batch"], cfg["seq"]
     # Stable inputs: unit-variance embeddings at the layer's default (learned) gate initialisation.
     x = torch.randn(B, T, cfg["dim"], requires_grad=cfg["mode"] == "train")
@@ -108,7 +111,7 @@ def run_stream(cfg: dict) -> dict:
     """Inference-only streaming of `cfg['seq']` tokens through one LMM layer, `cfg['piece']` tokens at a time."""
     import torch
 
-    from titans_cli.memory import NeuralMemory
+    from titans_cli.backbone.memory import NeuralMemory
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)

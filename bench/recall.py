@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titans_cli.runs import write_json  # noqa: E402
+from titans_cli.engine.runs import write_json  # noqa: E402
 
 # Stage data: the same vocabulary (so weights transfer), pairs beyond 2 layers x window 64 of the queries.
 DATA = {

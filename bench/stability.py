@@ -36,9 +36,9 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from titans_cli.config import ModelConfig  # noqa: E402
-from titans_cli.memory import NeuralMemory  # noqa: E402
-from titans_cli.model import Titans  # noqa: E402
+from titans_cli.backbone.memory import NeuralMemory  # noqa: E402
+from titans_cli.backbone.model import Titans  # noqa: E402
+from titans_cli.engine.config import ModelConfig  # noqa: E402
 
 INPUTS = ("repeat", "filler", "scaled", "random", "etth1", "dna")
 CONTINUOUS = {"scaled": 4, "etth1": 7}  # input -> channels; the others are token streams

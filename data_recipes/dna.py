@@ -23,8 +23,8 @@ import polars as pl
 
 from data_recipes import fasta as fasta_recipe
 from data_recipes import fasta_bed, genomic_benchmarks, gue
-from titans_cli.errors import DataError, UsageError
-from titans_cli.sequence import ALPHABET, IUPAC_AMBIGUOUS, Anchor, first_bad, sha256_file
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.sequence import ALPHABET, IUPAC_AMBIGUOUS, Anchor, first_bad, sha256_file
 
 FORMAT = "titans-dna/1"
 SPLITS = ("train", "val", "test")

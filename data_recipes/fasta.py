@@ -11,8 +11,8 @@ from pathlib import Path
 
 import polars as pl
 
-from titans_cli.errors import DataError, UsageError
-from titans_cli.sequence import read_fasta
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.sequence import read_fasta
 
 
 def compile_label_regex(pattern: str) -> re.Pattern[str]:

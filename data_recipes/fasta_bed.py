@@ -1,7 +1,7 @@
 """Reference FASTA + BED intervals → raw DNA rows, read through one pyfaidx handle (conventions §12).
 
 BED is 0-based half-open (`chrom start end [name score strand ...]`), the same as pyfaidx slices, so no
-coordinate arithmetic happens here except `--length` resizing (`titans_cli.sequence.resize_interval`).
+coordinate arithmetic happens here except `--length` resizing (`titans_cli.engine.sequence.resize_interval`).
 Labels: a BED column (`--label-col K`, 1-based like `cut -f`) or one label per file (`--bed pos.bed:1`).
 Sequences are returned on the + strand; `data_recipes.dna` normalises them, then reverse-complements `-` rows.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import polars as pl
 
-from titans_cli.errors import DataError, UsageError
-from titans_cli.sequence import Anchor, check_chromosomes, contig_lengths, open_fasta, resize_interval
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.sequence import Anchor, check_chromosomes, contig_lengths, open_fasta, resize_interval
 
 STRAND_COL = 6  # BED6: chrom start end name score strand
 

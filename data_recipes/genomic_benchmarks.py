@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from titans_cli.errors import DataError
+from titans_cli.engine.errors import DataError
 
 
 def _natural_key(path: Path) -> tuple:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from titans_cli.errors import DataError
+from titans_cli.engine.errors import DataError
 
 
 def read_table(path: Path, require_label: bool, id_prefix: str = "") -> pl.DataFrame:

@@ -15,8 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from titans_cli.errors import UsageError
-from titans_cli.runs import check_output_path, current_umask, first_missing
+from titans_cli.engine.errors import UsageError
+from titans_cli.engine.runs import check_output_path, current_umask, first_missing
 
 MANIFEST = "manifest.json"
 # What a prepared set holds: the manifest and Parquet splits. Anything else in DIR is the user's.

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from titans_cli.errors import UsageError
-from titans_cli.runs import atomic_write, atomic_write_text
+from titans_cli.engine.errors import UsageError
+from titans_cli.engine.runs import atomic_write, atomic_write_text
 
 RECIPE = "recall"
 VERSION = 1

@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 import polars as pl
 
-from titans_cli.errors import DataError, UsageError
-from titans_cli.runs import write_json
-from titans_cli.sequence import sha256_file
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.runs import write_json
+from titans_cli.engine.sequence import sha256_file
 
 Fill = Literal["error", "forward", "interpolate"]
 Features = Literal["M", "S", "MS"]

@@ -1,15 +1,16 @@
 """Task plugins and their lazy registry.
 
-`TASKS` maps a task name (the `--task` value) to "module:ATTRIBUTE" of a `tasks.base.Task` object. Entries are
-imported only when asked for, so `titans --help` never imports torch-heavy task modules.
+`TASKS` maps a task name (the `--task` value) to "module:ATTRIBUTE" of a `titans_cli.engine.task.Task` object.
+Entries are imported only when asked for, so `titans --help` never imports torch-heavy task modules. `get_task` is
+the lookup that the engine receives (`load_run(..., get_task=get_task)`): the engine never imports this package.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from tasks.base import Task
-from titans_cli.errors import UsageError
+from titans_cli.engine.errors import UsageError
+from titans_cli.engine.task import Task
 
 # One line per task. Add yours here.
 TASKS: dict[str, str] = {

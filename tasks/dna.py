@@ -1,7 +1,7 @@
 """Task `dna`: sequence classification on the output of `titans prepare dna` (issue 4 §2, spec §7).
 
-Character tokens (A C G T N; `titans_cli.sequence`), a Titans backbone (LMM by default, as in Table 4) with masked
-mean pooling and a linear head, or the GenomicBenchmarks CNN (`task.model = "cnn"`) through the same pipeline.
+Character tokens (A C G T N; `titans_cli.engine.sequence`), a Titans backbone (LMM by default, as in Table 4) with
+masked mean pooling and a linear head, or the GenomicBenchmarks CNN (`task.model = "cnn"`) through the same pipeline.
 Options: reverse-complement augmentation (`rc_aug`), averaging both strands at test time (`rc_tta`), class
 weights for imbalance. Early stopping and best.pt follow validation MCC. Metrics come from scikit-learn:
 accuracy, MCC, macro-F1, AUROC, AUPRC (binary: the second class of the manifest is positive; multiclass: macro
@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from tasks.base import Batch, TaskData
 from tasks.dna_models import GenomicBenchmarksCNN, TitansClassifier, rc_tokens
-from titans_cli.config import check_fields
-from titans_cli.errors import DataError, UsageError
-from titans_cli.sequence import ALPHABET, PAD_ID, encode
+from titans_cli.engine.config import check_fields
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.sequence import ALPHABET, PAD_ID, encode
+from titans_cli.engine.task import Batch, TaskData
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ class DnaTask:
         """
         from sklearn.metrics import precision_recall_fscore_support
 
-        from titans_cli.evaluate import eval_loader
+        from titans_cli.engine.evaluate import eval_loader
 
         unknown = sorted(set(opts) - {"rc_tta", "batch_size"})
         if unknown:
@@ -276,7 +276,7 @@ def predict_sequences(
 
     Sequences are batched by length (less padding) and the rows put back in input order.
     """
-    from titans_cli.evaluate import eval_loader
+    from titans_cli.engine.evaluate import eval_loader
 
     if not sequences:
         return np.zeros((0, len(loaded.meta["classes"]))), 0

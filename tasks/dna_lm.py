@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from data_recipes.fasta_bed import read_bed
-from tasks.base import Batch, TaskData
 from tasks.dna import SequenceDataset, read_manifest, read_split
-from titans_cli.config import check_fields
-from titans_cli.errors import DataError, UsageError
-from titans_cli.model import Titans
-from titans_cli.sequence import ALPHABET, PAD_ID, VOCAB_SIZE, contig_lengths, encode, normalize, open_fasta
+from titans_cli.backbone.model import Titans
+from titans_cli.engine.config import check_fields
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.sequence import ALPHABET, PAD_ID, VOCAB_SIZE, contig_lengths, encode, normalize, open_fasta
+from titans_cli.engine.task import Batch, TaskData
 
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna")
 N_TARGETS = 4  # A, C, G, T; N targets are not scored
@@ -236,7 +236,7 @@ class DnaLmTask:
 
     def eval_report(self, loaded: Any, split: str = "val", data_dir: Path | None = None, **opts: Any) -> dict[str, Any]:
         """Bits per base on the validation windows (a FASTA corpus has no test split)."""
-        from titans_cli.evaluate import eval_loader
+        from titans_cli.engine.evaluate import eval_loader
 
         if opts:
             raise UsageError(f"--opt {sorted(opts)[0]}: unknown for dna-lm (it takes no options)")

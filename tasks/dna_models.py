@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from titans_cli.config import ModelConfig
-from titans_cli.model import Titans
-from titans_cli.sequence import PAD_ID, TOKEN_COMPLEMENT, VOCAB_SIZE
+from titans_cli.backbone.model import Titans
+from titans_cli.engine.config import ModelConfig
+from titans_cli.engine.sequence import PAD_ID, TOKEN_COMPLEMENT, VOCAB_SIZE
 
 
 def rc_tokens(tokens: Tensor, lengths: Tensor) -> Tensor:

@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from data_recipes import timeseries as ts
-from tasks.base import Batch, TaskData
 from tasks.forecast_models import build_forecaster
-from titans_cli.config import check_fields
-from titans_cli.errors import DataError, TitansError, UsageError
-from titans_cli.metrics import ErrorSums, mase_scale, naive_forecast, seasonal_naive_forecast
+from titans_cli.engine.config import check_fields
+from titans_cli.engine.errors import DataError, TitansError, UsageError
+from titans_cli.engine.metrics import ErrorSums, mase_scale, naive_forecast, seasonal_naive_forecast
+from titans_cli.engine.task import Batch, TaskData
 
 
 @dataclass(frozen=True)

@@ -299,7 +299,7 @@ def build_forecaster(model_cfg: Any, task_cfg: Any, channels: int) -> nn.Module:
         return RLinear(t.lookback, t.pred_len, channels, dropout=t.head_dropout)
     if t.model == "patchtst":
         return PatchTST(t.lookback, t.pred_len, channels, t.patch_len, t.patch_stride, head_dropout=t.head_dropout)
-    from titans_cli.model import Titans  # imported here: the baseline must not need the backbone
+    from titans_cli.backbone.model import Titans  # imported here: the baseline must not need the backbone
 
     return TitansForecaster(
         Titans(model_cfg),

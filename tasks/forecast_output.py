@@ -10,7 +10,7 @@ from typing import Any
 
 import polars as pl
 
-from titans_cli.errors import UsageError
+from titans_cli.engine.errors import UsageError
 
 
 def plot_forecast(history: pl.DataFrame, forecast: pl.DataFrame, meta: dict[str, Any], path: Path) -> Path:

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from data_recipes.recall import IGNORE, RECIPE, SPLITS
-from tasks.base import Batch, TaskData
-from titans_cli.config import ModelConfig, RunConfig
-from titans_cli.errors import DataError
+from titans_cli.engine.config import ModelConfig, RunConfig
+from titans_cli.engine.errors import DataError
+from titans_cli.engine.task import Batch, TaskData
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class RecallModel(nn.Module):
 
     def __init__(self, n_tokens: int, model_cfg: ModelConfig) -> None:
         super().__init__()
-        from titans_cli.model import Titans
+        from titans_cli.backbone.model import Titans
 
         self.embed = nn.Embedding(n_tokens, model_cfg.dim)
         self.backbone = Titans(model_cfg)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from data_recipes.recall import RecallSpec, prepare
 from tasks.recall import RecallConfig
-from titans_cli.config import ModelConfig, RunConfig, RunSection, TrainConfig
+from titans_cli.engine.config import ModelConfig, RunConfig, RunSection, TrainConfig
 
 TINY_SPEC = RecallSpec(
     seq_len=48, pairs=3, queries=3, vocab=8, min_gap=16, filler_vocab=8, n_train=24, n_val=8, n_test=10

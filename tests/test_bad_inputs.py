@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from tests.fixtures.timeseries import ett_lines, write_ett_slice
 from titans_cli.cli import app
-from titans_cli.runs import RunLock
-from titans_cli.sequence import open_fasta
+from titans_cli.engine.runs import RunLock
+from titans_cli.engine.sequence import open_fasta
 
 runner = CliRunner()
 FIX = Path(__file__).parent / "fixtures" / "dna"

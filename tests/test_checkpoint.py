@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from tasks import get_task
 from tasks.recall import TASK
 from tests.recall_fixtures import tiny_config, tiny_data
-from titans_cli.checkpoint import load_run, read_checkpoint, save_checkpoint, transfer_weights
-from titans_cli.errors import DataError, UsageError
-from titans_cli.runs import read_jsonl
-from titans_cli.runtime import rng_state, seed_everything, set_rng_state
-from titans_cli.train import TrainingInterrupted, lr_at, run
+from titans_cli.engine.checkpoint import load_run, read_checkpoint, save_checkpoint, transfer_weights
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.runs import read_jsonl
+from titans_cli.engine.runtime import rng_state, seed_everything, set_rng_state
+from titans_cli.engine.train import TrainingInterrupted, lr_at, run
 
 
 class Payload:
@@ -96,7 +97,7 @@ def test_run_directory_contract(trained):
 def test_load_run_rebuilds_the_best_model_without_touching_the_global_rng(trained, data):
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    loaded = load_run(trained)
+    loaded = load_run(trained, get_task=get_task)
     assert torch.equal(torch.get_rng_state(), before)
     best = read_checkpoint(trained / "checkpoints" / "best.pt")
     for name, tensor in loaded.model.state_dict().items():

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from titans_cli.config import (
+from titans_cli.engine.config import (
     ModelConfig,
     RunConfig,
     RunSection,
@@ -21,7 +21,7 @@ from titans_cli.config import (
     load_config,
     loads_config,
 )
-from titans_cli.errors import UsageError
+from titans_cli.engine.errors import UsageError
 
 
 @dataclass(frozen=True)

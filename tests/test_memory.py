@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titans_cli.memory import NeuralMemory
-from titans_cli.ops.memory_update import MemoryState, chunk_memory_update
+from titans_cli.backbone.memory import NeuralMemory
+from titans_cli.backbone.ops.memory_update import MemoryState, torch_memory_update
 
 
 def _memory(**kw) -> NeuralMemory:
@@ -77,12 +77,12 @@ def test_reading_written_keys_retrieves_their_values(depth, theta):
     v = torch.randn(Bn, H, N, D, dtype=torch.float64)
     ones = torch.ones(Bn, H, N, dtype=torch.float64)
     state0 = MemoryState.initial(init, Bn)
-    before, _ = chunk_memory_update(k, k, v, 0 * ones, 0 * ones, 0 * ones, state0, chunk_size=4)
+    before, _ = torch_memory_update(k, k, v, 0 * ones, 0 * ones, 0 * ones, state0, chunk_size=4)
     # Test-time training: passes over the pairs with a small inner learning rate and no forgetting.
     state = state0
     for _ in range(20):
-        _, state = chunk_memory_update(k, k, v, 0 * ones, 0 * ones, theta * ones, state, chunk_size=4)
-    after, _ = chunk_memory_update(k, k, v, 0 * ones, 0 * ones, 0 * ones, state, chunk_size=4)
+        _, state = torch_memory_update(k, k, v, 0 * ones, 0 * ones, theta * ones, state, chunk_size=4)
+    after, _ = torch_memory_update(k, k, v, 0 * ones, 0 * ones, 0 * ones, state, chunk_size=4)
     err_before = (before - v).pow(2).mean()
     err_after = (after - v).pow(2).mean()
     assert err_after < 0.1 * err_before, (err_before.item(), err_after.item())
@@ -115,7 +115,7 @@ def test_long_sequence_stays_finite_at_initialisation():
 
 def test_projections_share_one_dtype_when_normalize_widens(monkeypatch: pytest.MonkeyPatch) -> None:
     # CUDA autocast computes F.normalize in float32 while v stays bf16; the layer hands the update one dtype.
-    from titans_cli import memory as memory_module
+    from titans_cli.backbone import memory as memory_module
 
     widen = memory_module.F.normalize
     monkeypatch.setattr(memory_module.F, "normalize", lambda t, dim: widen(t.float(), dim=dim))
@@ -154,7 +154,7 @@ def test_the_step_bounds_are_exact_in_every_kernel(step_scale):
 def test_key_overlap_shares_one_step_among_coinciding_keys_and_looks_only_back():
     """r_j counts the earlier keys of j's chunk that coincide with k_j: j-th copy of one key → j, orthogonal keys → 1;
     chunks start at multiples of b counted from the sequence start; a later key never changes an earlier r."""
-    from titans_cli.memory import key_overlap
+    from titans_cli.backbone.memory import key_overlap
 
     same = F.normalize(torch.ones(1, 1, 6, 4, dtype=torch.float64), dim=-1)
     r, carry = key_overlap(same, None, 0, 4)
@@ -168,3 +168,22 @@ def test_key_overlap_shares_one_step_among_coinciding_keys_and_looks_only_back()
     changed = k.clone()
     changed[:, :, 5] = k[:, :, 4]
     torch.testing.assert_close(key_overlap(k, None, 0, 8)[0][..., :5], key_overlap(changed, None, 0, 8)[0][..., :5])
+
+
+def test_memory_settings_default_to_the_model_config_and_come_from_it_whole():
+    from titans_cli.backbone.config import ModelConfig
+    from titans_cli.backbone.memory import MemorySettings
+
+    assert MemorySettings.from_config(ModelConfig()) == MemorySettings()
+    cfg = ModelConfig(memory_depth=1, memory_expansion=2, memory_activation="tanh", chunk_size=8, memory_piece_len=0)
+    mem = NeuralMemory.from_config(cfg)
+    assert (mem.settings.depth, mem.settings.expansion, mem.settings.activation) == (1, 2, "tanh")
+    assert (mem.settings.chunk_size, mem.settings.piece_len) == (8, 0)
+    assert NeuralMemory(16, 2, chunk_size=4).settings == MemorySettings(chunk_size=4)
+
+
+def test_python_api_imports_from_the_package():
+    import titans_cli
+
+    assert titans_cli.NeuralMemory is NeuralMemory
+    assert callable(titans_cli.memory_update) and titans_cli.Titans.__name__ == "Titans"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from titans_cli.metrics import ErrorSums, mase_scale, naive_forecast, pearson, seasonal_naive_forecast
+from titans_cli.engine.metrics import ErrorSums, mase_scale, naive_forecast, pearson, seasonal_naive_forecast
 
 
 def test_hand_computed_mse_mae_per_step_and_channel():

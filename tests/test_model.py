@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from titans_cli.config import ModelConfig
-from titans_cli.model import Titans
+from titans_cli.backbone.model import Titans
+from titans_cli.engine.config import ModelConfig
 
 VARIANTS = ["lmm", "mac", "mag", "mal", "attn"]
 # Every variant, plus the alternative readings of ⊗ (memory_residual) and of MAC's write (mac_write).

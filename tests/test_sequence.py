@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from titans_cli import sequence as sq
-from titans_cli.errors import DataError
+from titans_cli.engine import sequence as sq
+from titans_cli.engine.errors import DataError
 
 SARS = Path(__file__).parent / "fixtures" / "dna" / "sars_cov_2"
 CONTIG = "MN908947.3"

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from titans_cli.config import ModelConfig
-from titans_cli.memory import NeuralMemory
-from titans_cli.model import Titans
+from titans_cli.backbone.memory import NeuralMemory
+from titans_cli.backbone.model import Titans
+from titans_cli.engine.config import ModelConfig
 
 STEPS, SEQ, BATCH = 200, 64, 2
 BOUND = 100.0  # memory weight norm; at initialisation it is ~1-2

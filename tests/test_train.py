@@ -16,14 +16,15 @@ import torch
 from typer.testing import CliRunner
 
 import tasks
+from tasks import get_task
 from tasks.recall import RecallTask
 from tests.recall_fixtures import tiny_config, tiny_data
-from titans_cli.checkpoint import read_checkpoint
 from titans_cli.cli import app
-from titans_cli.errors import TitansError, UsageError
-from titans_cli.evaluate import evaluate_run
-from titans_cli.runs import read_jsonl
-from titans_cli.train import run
+from titans_cli.engine.checkpoint import read_checkpoint
+from titans_cli.engine.errors import TitansError, UsageError
+from titans_cli.engine.evaluate import evaluate_run
+from titans_cli.engine.runs import read_jsonl
+from titans_cli.engine.train import run
 
 
 class FlatRecall(RecallTask):
@@ -86,7 +87,7 @@ def test_sub_runs_train_one_model_each_and_are_summarized(data, tmp_path, monkey
     monkeypatch.setitem(tasks.TASKS, "two-lr", f"{__name__}:TWO_LR")
     cfg_text = (tmp_path / "r" / "config.toml").read_text().replace('task = "recall"', 'task = "two-lr"')
     (tmp_path / "r" / "config.toml").write_text(cfg_text)
-    report = evaluate_run(tmp_path / "r", device="cpu")
+    report = evaluate_run(tmp_path / "r", device="cpu", get_task=get_task)
     assert report["summary"]["mean_accuracy"] == pytest.approx(summary["mean_accuracy"])
     assert {r["split"] for r in report["sub_runs"].values()} == {"test"}
 

@@ -12,7 +12,7 @@ import pytest
 
 from data_recipes import timeseries as ts
 from tests.fixtures.timeseries import ETTH1, ett_lines, write_ett_slice
-from titans_cli.errors import DataError, UsageError
+from titans_cli.engine.errors import DataError, UsageError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The fused chunk step's hand-written backward (chunk.py `_FusedChunkStep`) against autograd through `_chunk_step`.
+"""The fused chunk step's hand-written backward (chunk.py `_FusedChunkStep`) against autograd through the readable
+reference `naive_chunk_step` (naive.py).
 
 Float64, so agreement is round-off tight: reads, chunk-end weights and surprise, and the gradient of every input
 (q, k, v, the gates, and the incoming weights, surprise and anchor, including an anchor that is the weights
@@ -11,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titans_cli.ops.memory_update import MemoryState, chunk_memory_update
-from titans_cli.ops.memory_update.chunk import _chunk_step, _fused_chunk_step
+from titans_cli.backbone.ops.memory_update import MemoryState, naive_chunk_memory_update, torch_memory_update
+from titans_cli.backbone.ops.memory_update.chunk import fused_chunk_step
+from titans_cli.backbone.ops.memory_update.naive import naive_chunk_step
 
 B, H, D, HIDDEN = 2, 2, 4, 6
 TOL = 1e-11
@@ -74,7 +76,7 @@ def _compare_step(
         y, new_w, new_s = step(*leaves[:6], weights, surprise, anchor, activation, read, clip)
         return y, new_w, new_s, torch.autograd.grad(_loss(y, new_w, new_s), leaves)
 
-    ref, out = run(_chunk_step), run(_fused_chunk_step)
+    ref, out = run(naive_chunk_step), run(fused_chunk_step)
     _close(out[0], ref[0], "reads")
     for l in range(depth):
         _close(out[1][l], ref[1][l], f"weights of layer {l}")
@@ -115,7 +117,7 @@ def test_fused_step_passes_gradcheck():
     leaves = [t.detach().clone().requires_grad_() for t in [q, k, v, alpha, eta, theta, *state]]
 
     def fn(*xs):
-        y, new_w, new_s = _fused_chunk_step(*xs[:6], xs[6:8], xs[8:10], xs[10:12], "gelu", "inclusive")
+        y, new_w, new_s = fused_chunk_step(*xs[:6], xs[6:8], xs[8:10], xs[10:12], "gelu", "inclusive")
         return (y, *new_w, *new_s)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
@@ -124,7 +126,8 @@ def test_fused_step_passes_gradcheck():
 def _run_call(tensors, depth, fused, **kw):
     q, k, v, alpha, eta, theta, *init = tensors
     state = MemoryState.initial(init, B)
-    y, state = chunk_memory_update(q, k, v, alpha, eta, theta, state, fused=fused, **kw)
+    fn = torch_memory_update if fused else naive_chunk_memory_update
+    y, state = fn(q, k, v, alpha, eta, theta, state, **kw)
     return y, state, torch.autograd.grad(_loss(y, state.weights, state.surprise), tensors)
 
 
@@ -154,8 +157,8 @@ def test_fused_call_continues_from_a_mid_chunk_state():
     state = MemoryState.initial(init, B)
     ys = []
     for sl in (slice(0, 6), slice(6, 19)):
-        y, state = chunk_memory_update(q[:, :, sl], k[:, :, sl], v[:, :, sl], alpha[:, :, sl], eta[:, :, sl],
-                                       theta[:, :, sl], state, chunk_size=4, fused=True)  # fmt: skip
+        y, state = torch_memory_update(q[:, :, sl], k[:, :, sl], v[:, :, sl], alpha[:, :, sl], eta[:, :, sl],
+                                       theta[:, :, sl], state, chunk_size=4)  # fmt: skip
         ys.append(y)
     y = torch.cat(ys, dim=2)
     grads = torch.autograd.grad(_loss(y, state.weights, state.surprise), tensors)

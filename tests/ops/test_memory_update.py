@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titans_cli.errors import UsageError
-from titans_cli.ops.memory_update import MemoryState, chunk_memory_update, memory_update, recurrent_memory_update
-from titans_cli.ops.memory_update.chunk import chunk_coefficients
-from titans_cli.ops.memory_update.mlp import ACTIVATIONS, mlp_forward, mlp_inner_grad_factors
+from titans_cli.backbone.ops.memory_update import MemoryState, memory_update, naive_memory_update, torch_memory_update
+from titans_cli.backbone.ops.memory_update.chunk import chunk_coefficients
+from titans_cli.backbone.ops.memory_update.mlp import ACTIVATIONS, mlp_forward, mlp_inner_grad_factors
 
 B, H, D, HIDDEN = 2, 3, 5, 7
 
@@ -61,8 +60,8 @@ def _assert_same(ref, out, tol):
 @pytest.mark.parametrize("read", ["inclusive", "strict"])
 def test_chunk_of_one_equals_per_token_recurrence(depth, read):
     tensors = _inputs(T=13, depth=depth)
-    ref = _run(recurrent_memory_update, tensors, depth, chunk_size=1, read=read)
-    out = _run(chunk_memory_update, tensors, depth, chunk_size=1, read=read)
+    ref = _run(naive_memory_update, tensors, depth, chunk_size=1, read=read)
+    out = _run(torch_memory_update, tensors, depth, chunk_size=1, read=read)
     _assert_same(ref, out, 1e-10)
 
 
@@ -71,8 +70,8 @@ def test_chunk_of_one_equals_per_token_recurrence(depth, read):
 @pytest.mark.parametrize("read", ["inclusive", "strict"])
 def test_chunked_equals_recurrence_with_gradients_frozen_at_chunk_starts(depth, chunk_size, read):
     tensors = _inputs(T=19, depth=depth, seed=1)  # 19 is not a multiple of the chunk: partial last chunk
-    ref = _run(recurrent_memory_update, tensors, depth, chunk_size=chunk_size, read=read)
-    out = _run(chunk_memory_update, tensors, depth, chunk_size=chunk_size, read=read)
+    ref = _run(naive_memory_update, tensors, depth, chunk_size=chunk_size, read=read)
+    out = _run(torch_memory_update, tensors, depth, chunk_size=chunk_size, read=read)
     _assert_same(ref, out, 1e-10)
 
 
@@ -97,10 +96,10 @@ def test_inner_clip_chunked_equals_huber_reference(depth, chunk_size):
     """With an inner clip the fast path equals the reference whose inner loss is the Huber loss, written out there
     and differentiated by autograd; outputs, final state and every gradient."""
     tensors = _inputs(T=11, depth=depth, seed=5)
-    ref = _run(recurrent_memory_update, tensors, depth, chunk_size=chunk_size, clip=0.5)
-    out = _run(chunk_memory_update, tensors, depth, chunk_size=chunk_size, clip=0.5)
+    ref = _run(naive_memory_update, tensors, depth, chunk_size=chunk_size, clip=0.5)
+    out = _run(torch_memory_update, tensors, depth, chunk_size=chunk_size, clip=0.5)
     _assert_same(ref, out, 1e-10)
-    plain = _run(chunk_memory_update, tensors, depth, chunk_size=chunk_size)
+    plain = _run(torch_memory_update, tensors, depth, chunk_size=chunk_size)
     assert (plain[0] - out[0]).abs().max() > 1e-3  # the clip is active on these inputs
 
 
@@ -130,9 +129,9 @@ def test_inner_clip_keeps_a_long_run_of_one_key_finite():
     v = torch.randn(1, 1, 1, D, generator=g).expand(1, 1, T, D)
     alpha, eta, theta = torch.full((1, 1, T), 1e-3), torch.full((1, 1, T), 0.5), torch.full((1, 1, T), 0.1)
     state = MemoryState.initial([torch.zeros(1, D, D)], 1)
-    y, _ = chunk_memory_update(k, k, v, alpha, eta, theta, state, chunk_size=b)
+    y, _ = torch_memory_update(k, k, v, alpha, eta, theta, state, chunk_size=b)
     assert not torch.isfinite(y).all() or y.abs().max() > 1e6  # unclipped: diverged
-    y, end = chunk_memory_update(k, k, v, alpha, eta, theta, state, chunk_size=b, clip=1.0)
+    y, end = torch_memory_update(k, k, v, alpha, eta, theta, state, chunk_size=b, clip=1.0)
     assert torch.isfinite(y).all() and y.abs().max() < 100.0
     assert end.weights[0].norm() < 100.0
 
@@ -142,7 +141,7 @@ def test_no_momentum_linear_memory_is_a_delta_rule_with_forget_gate():
     T = 9
     q, k, v, alpha, _, theta, w0 = (t.detach() for t in _inputs(T=T, depth=1, seed=2))
     eta = torch.zeros_like(alpha)
-    y, state = chunk_memory_update(q, k, v, alpha, eta, theta, MemoryState.initial([w0], B), chunk_size=1)
+    y, state = torch_memory_update(q, k, v, alpha, eta, theta, MemoryState.initial([w0], B), chunk_size=1)
     M = w0.transpose(-1, -2).expand(B, H, D, D).clone()  # column convention: M k = (k W)ᵀ
     for t in range(T):
         kt, vt = k[:, :, t, :, None], v[:, :, t, :, None]
@@ -157,10 +156,10 @@ def test_partial_chunks_are_written(T):
     """A sequence shorter than the chunk, or a trailing partial chunk, still updates the memory (titans-pytorch#59)."""
     q, k, v, alpha, eta, theta, w0, w1 = (t.detach() for t in _inputs(T=T, depth=2))
     state0 = MemoryState.initial([w0, w1], B)
-    _, state = chunk_memory_update(q, k, v, alpha, eta, theta, state0, chunk_size=8)
+    _, state = torch_memory_update(q, k, v, alpha, eta, theta, state0, chunk_size=8)
     assert state.position == T
     assert (state.weights[0] - state0.weights[0]).abs().max() > 1e-3
-    _, ref = recurrent_memory_update(q, k, v, alpha, eta, theta, state0, chunk_size=8)
+    _, ref = naive_memory_update(q, k, v, alpha, eta, theta, state0, chunk_size=8)
     torch.testing.assert_close(state.weights[1], ref.weights[1], atol=1e-12, rtol=1e-12)
 
 
@@ -186,7 +185,7 @@ def test_coefficients_match_products_and_stay_free_of_denormals():
 def test_unknown_or_unavailable_kernel_is_a_clear_error():
     q, k, v, alpha, eta, theta, w0 = (t.detach() for t in _inputs(T=4, depth=1))
     state = MemoryState.initial([w0], B)
-    with pytest.raises(UsageError, match="expected one of"):
+    with pytest.raises(ValueError, match="expected one of"):
         memory_update(q, k, v, alpha, eta, theta, state, chunk_size=2, kernel="cuda")
     y_naive, _ = memory_update(q, k, v, alpha, eta, theta, state, chunk_size=2, kernel="naive")
     y_torch, _ = memory_update(q, k, v, alpha, eta, theta, state, chunk_size=2, kernel="torch")
@@ -201,12 +200,12 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(position)
     q, k, v, alpha, eta, theta, *init = tensors
     start = MemoryState.initial(init, B)
     if position:
-        _, start = chunk_memory_update(q[:, :, :position], k[:, :, :position], v[:, :, :position],
+        _, start = torch_memory_update(q[:, :, :position], k[:, :, :position], v[:, :, :position],
                                        alpha[:, :, :position], eta[:, :, :position], theta[:, :, :position],
                                        start, chunk_size=4)  # fmt: skip
 
     def run(**kw):
-        y, end = chunk_memory_update(q, k, v, alpha, eta, theta, start, chunk_size=4, **kw)
+        y, end = torch_memory_update(q, k, v, alpha, eta, theta, start, chunk_size=4, **kw)
         loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum()
         loss = loss + sum((w**2).sum() for w in end.weights) + sum((s**3).sum() for s in end.surprise)
         return y, end, torch.autograd.grad(loss, tensors, retain_graph=True)  # the prefix graph is shared

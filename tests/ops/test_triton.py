@@ -2,7 +2,8 @@
 every input gradient, with relative-RMS tolerances named per tensor.
 
 Without CUDA the kernels run in Triton's CPU interpreter, which must be switched on before the kernel module is
-imported (so this module sets TRITON_INTERPRET=1 at import when no GPU is present). The interpreter costs a few
+imported (tests/conftest.py sets TRITON_INTERPRET=1 when no GPU is present). Every test runs with `nan_empty`: an
+output buffer the kernel forgot to write reads as NaN. The interpreter costs a few
 milliseconds per program and loop step, so shapes stay tiny; tuning constants are lowered per test to exercise
 several hidden tiles, value tiles and backward segments. On a CUDA machine the same tests run compiled on the GPU
 (`DEVICE`), and real sizes run there only (`gpu` marker).
@@ -10,7 +11,6 @@ several hidden tiles, value tiles and backward segments. On a CUDA machine the s
 
 from __future__ import annotations
 
-import os
 import sys
 from functools import partial
 
@@ -18,17 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the Triton kernel needs the `triton` extra: pip install -e '.[triton]'")
 
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from tests.assertions import assert_close, rel_rms  # noqa: E402
-from titans_cli.errors import UsageError  # noqa: E402
-from titans_cli.ops.memory_update import MemoryState, chunk_memory_update, memory_update  # noqa: E402
-from titans_cli.ops.memory_update import triton as kernel_module  # noqa: E402
-from titans_cli.ops.memory_update.triton import triton_memory_update  # noqa: E402
+from titans_cli.backbone.ops.memory_update import MemoryState, memory_update, torch_memory_update  # noqa: E402
+from titans_cli.backbone.ops.memory_update import triton as kernel_module  # noqa: E402
+from titans_cli.backbone.ops.memory_update.triton import triton_memory_update  # noqa: E402
 
 GATES = ("alpha", "eta", "theta")
 # Relative-RMS tolerances of the float32 kernels against the float64 torch path (measured: outputs and state
@@ -44,7 +41,7 @@ needs_interpreter_or_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() or kernel_module.INTERPRET),
     reason="TRITON_INTERPRET was not set before triton.py was imported and there is no GPU",
 )
-pytestmark = needs_interpreter_or_cuda
+pytestmark = [needs_interpreter_or_cuda, pytest.mark.usefixtures("nan_empty")]
 # Where the kernels run: compiled on the GPU when there is one, else on CPU tensors in the interpreter.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # On a GPU, 16-bit q, k, v take tf32 tensor-core products (`_precision`), whose 10-bit mantissa (~5e-4 relative per
@@ -117,7 +114,7 @@ def test_forward_and_final_state_match_torch_path(
     xs, state = _case(2, H, T, D, depth, b, position)
     y, out = triton_memory_update(*xs, state, chunk_size=b, activation=activation, read=read, clip=clip)
     ref_state, _ = _cast_state(state, torch.float64, leaves=False)
-    y_ref, ref = chunk_memory_update(
+    y_ref, ref = torch_memory_update(
         *(x.double() for x in xs), ref_state, chunk_size=b, activation=activation, read=read, clip=clip
     )
     assert y.dtype == torch.float32 and out.position == ref.position == state.position + T
@@ -178,7 +175,7 @@ def test_every_gradient_matches_torch_path(
     monkeypatch.setattr(kernel_module, "_VALUE_TILE", 16)
     xs, state = _case(2, H, T, D, depth, b, position, hidden=48 if b == 8 else 32)
     kw = dict(activation=activation, read=read, clip=clip)
-    ref = _gradients(partial(chunk_memory_update, **kw), xs, state, torch.float64, b)
+    ref = _gradients(partial(torch_memory_update, **kw), xs, state, torch.float64, b)
     for backward in ("triton", "torch"):  # the Triton backward kernels and the torch-recompute reference
         got = _gradients(partial(triton_memory_update, backward=backward, **kw), xs, state, torch.float32, b)
         for name, r, o in zip(_grad_names(state), ref, got, strict=True):
@@ -200,7 +197,7 @@ def test_16bit_input_gradients_match_torch_path(monkeypatch: pytest.MonkeyPatch,
     xs, state = _case(2, 2, 13, 16, depth, 4, 3)
     xs = [x.to(dtype).float() if x.dim() == 4 else x for x in xs]  # the reference sees the same rounded values
     got = _gradients(triton_memory_update, xs, state, dtype, 4)
-    ref = _gradients(chunk_memory_update, xs, state, torch.float64, 4, y_weights_dtype=dtype)
+    ref = _gradients(torch_memory_update, xs, state, torch.float64, 4, y_weights_dtype=dtype)
     for name, r, o in zip(_grad_names(state), ref, got, strict=True):
         # dq, dk, dv come back in the 16-bit dtype (one rounding, ~2^-9 relative for bf16); gates and state
         # gradients stay float32.
@@ -253,7 +250,7 @@ def test_bfloat16_inputs_accumulate_in_float32() -> None:
     assert y.dtype == torch.bfloat16 and out.weights[0].dtype == torch.float32
     # Reference: the same bf16-rounded values, computed in float64. Only y's final rounding to bf16 differs.
     ref_state, _ = _cast_state(state, torch.float64, leaves=False)
-    y_ref, ref = chunk_memory_update(*(x.double() for x in xs), ref_state, chunk_size=4)
+    y_ref, ref = torch_memory_update(*(x.double() for x in xs), ref_state, chunk_size=4)
     assert_close("y (bf16)", y_ref, y, 1e-2)
     for (name, r), (_, o) in zip(_state_tensors(ref), _state_tensors(out), strict=True):
         assert_close(f"final {name}", r, o, TOL_TF32 or TOL_FORWARD)
@@ -277,7 +274,7 @@ def test_two_calls_with_carried_state_equal_one_call() -> None:
 
 def test_neural_memory_layer_gradients_match_with_triton_kernel() -> None:
     # Through the layer: M_0 is one [H, ...] parameter expanded over the batch, and anchor is weights.
-    from titans_cli.memory import NeuralMemory
+    from titans_cli.backbone.memory import NeuralMemory
 
     torch.manual_seed(0)
     layers = {
@@ -304,42 +301,41 @@ def test_memory_update_selects_triton_by_argument(monkeypatch: pytest.MonkeyPatc
     if xs[0].is_cuda:  # auto picks Triton for CUDA tensors it supports
         assert torch.equal(y_auto, y_direct)
     else:  # and never for CPU tensors, even under the interpreter
-        assert torch.equal(y_auto, chunk_memory_update(*xs, state, chunk_size=4)[0])
+        assert torch.equal(y_auto, torch_memory_update(*xs, state, chunk_size=4)[0])
     xs3, state3 = _case(1, 1, 5, 16, 3, 4, None)
-    with pytest.raises(UsageError, match="depth 1 or 2 .*use 'torch' or 'auto'"):
+    with pytest.raises(ValueError, match="depth 1 or 2 .*use 'torch' or 'auto'"):
         memory_update(*xs3, state3, chunk_size=4, kernel="triton")
     assert torch.equal(
         memory_update(*xs3, state3, chunk_size=4, kernel="auto")[0],
-        chunk_memory_update(*xs3, state3, chunk_size=4)[0],
+        torch_memory_update(*xs3, state3, chunk_size=4)[0],
     )
-    with pytest.raises(UsageError, match="float64"):
+    with pytest.raises(ValueError, match="float64"):
         memory_update(*(x.double() for x in xs), state, chunk_size=4, kernel="triton")
     # Mixed dtypes would silently pick the float32 kernels for 16-bit values (q's dtype sets the precision).
     mixed = [xs[0], xs[1], xs[2].bfloat16(), *xs[3:]]
-    with pytest.raises(UsageError, match="share one dtype .*float32, torch.float32, torch.bfloat16"):
+    with pytest.raises(ValueError, match="share one dtype .*float32, torch.float32, torch.bfloat16"):
         memory_update(*mixed, state, chunk_size=4, kernel="triton")
 
 
 def test_triton_on_cpu_without_interpreter_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     xs, state = _case(1, 1, 5, 16, 1, 4, None, device="cpu")
     monkeypatch.setattr(kernel_module, "INTERPRET", False)
-    with pytest.raises(UsageError, match="needs CUDA tensors .*use 'torch' or 'auto'"):
+    with pytest.raises(ValueError, match="needs CUDA tensors .*use 'torch' or 'auto'"):
         memory_update(*xs, state, chunk_size=4, kernel="triton")
 
 
 def test_missing_triton_is_a_usage_error_and_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     xs, state = _case(1, 1, 5, 16, 1, 4, None)
     # A None entry in sys.modules makes the lazy import raise ImportError, as without the extra installed.
-    monkeypatch.setitem(sys.modules, "titans_cli.ops.memory_update.triton", None)
-    monkeypatch.delattr(sys.modules["titans_cli.ops.memory_update"], "triton")
-    with pytest.raises(UsageError, match="triton is not installed.*pip install"):
+    monkeypatch.setitem(sys.modules, "titans_cli.backbone.ops.memory_update.triton", None)
+    monkeypatch.delattr(sys.modules["titans_cli.backbone.ops.memory_update"], "triton")
+    with pytest.raises(ValueError, match="triton is not installed.*pip install"):
         memory_update(*xs, state, chunk_size=4, kernel="triton")
     y, _ = memory_update(*xs, state, chunk_size=4, kernel="auto")
-    assert torch.equal(y, chunk_memory_update(*xs, state, chunk_size=4)[0])
+    assert torch.equal(y, torch_memory_update(*xs, state, chunk_size=4)[0])
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
     ("depth", "dtype", "position", "read", "clip"),
     [
@@ -360,13 +356,13 @@ def test_real_size_matches_torch_path_on_gpu(depth: int, dtype: torch.dtype, pos
     tol = 1e-4 if dtype == torch.float32 else 4e-2
     y, out = triton_memory_update(*xs, state, chunk_size=64, **kw)
     ref_state, _ = _cast_state(state, torch.float64, leaves=False)
-    y_ref, ref_out = chunk_memory_update(*(x.double() for x in xs), ref_state, chunk_size=64, **kw)
+    y_ref, ref_out = torch_memory_update(*(x.double() for x in xs), ref_state, chunk_size=64, **kw)
     assert_close("y", y_ref, y, tol)
     for (name, r), (_, o) in zip(_state_tensors(ref_out), _state_tensors(out), strict=True):
         assert_close(f"final {name}", r, o, tol)
     got = _gradients(partial(triton_memory_update, **kw), xs, state, dtype, 64)
     ref = _gradients(
-        partial(chunk_memory_update, **kw), [x.float() for x in xs], state, torch.float64, 64, y_weights_dtype=dtype
+        partial(torch_memory_update, **kw), [x.float() for x in xs], state, torch.float64, 64, y_weights_dtype=dtype
     )
     for name, r, o in zip(_grad_names(state), ref, got, strict=True):
         assert_close(f"d{name}", r, o, tol)

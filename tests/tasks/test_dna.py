@@ -13,15 +13,16 @@ import pytest
 import torch
 
 from data_recipes.dna import DnaPrepareOptions, prepare
+from tasks import get_task
 from tasks.dna import TASK, DnaConfig, SequenceDataset, auto_class_weights, classification_metrics, predict_sequences
 from tasks.dna_lm import TASK as LM_TASK
 from tasks.dna_lm import DnaLmConfig, FastaWindows, split_contigs, subtract
 from tasks.dna_models import GenomicBenchmarksCNN, TitansClassifier, rc_tokens
-from titans_cli import train
-from titans_cli.checkpoint import load_run, transfer_weights
-from titans_cli.config import ModelConfig, RunConfig, RunSection, TrainConfig
-from titans_cli.errors import DataError, UsageError
-from titans_cli.sequence import PAD_ID, decode, reverse_complement
+from titans_cli.engine import train
+from titans_cli.engine.checkpoint import load_run, transfer_weights
+from titans_cli.engine.config import ModelConfig, RunConfig, RunSection, TrainConfig
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.sequence import PAD_ID, decode, reverse_complement
 
 FIX = Path(__file__).parents[1] / "fixtures" / "dna"
 TINY = ModelConfig(dim=16, n_layers=1, heads=2, chunk_size=4, memory_expansion=2, n_persistent=2, ffn_mult=2)
@@ -155,7 +156,7 @@ def test_label_mapping_survives_a_checkpoint_round_trip(three_classes: Path) -> 
     run_dir = three_classes / "run"
     cfg = tiny_run("dna", three_classes / "data", DnaConfig(class_weight="auto", bins=2))
     train.run(cfg, TASK, run_dir, overwrite=True, quiet=True)
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, get_task=get_task)
     assert loaded.meta["classes"] == ["enhancer", "promoter", "zz_other"]
     assert loaded.meta["class_weights"] == pytest.approx([1.0, 1.0, 1.0])  # 9 training rows of each class
     assert torch.equal(loaded.model.class_weights, torch.ones(3))
@@ -221,7 +222,7 @@ def test_uniform_next_base_model_scores_exactly_two_bits(tmp_path: Path) -> None
     model = LM_TASK.build_model(cfg, data.meta).eval()
     torch.nn.init.zeros_(model.head.weight)
     torch.nn.init.zeros_(model.head.bias)
-    from titans_cli.evaluate import evaluate_split
+    from titans_cli.engine.evaluate import evaluate_split
 
     out = evaluate_split(LM_TASK, model, data.val, data.meta, batch_size=2, device=torch.device("cpu"))
     assert out["bits_per_base"] == pytest.approx(2.0) and out["bases"] == 5 * 64
@@ -237,7 +238,7 @@ def test_pretrained_backbone_transfers_into_the_classifier(tmp_path: Path, three
     model = TASK.build_model(tiny_run("dna", three_classes / "data", DnaConfig()), data.meta)
     loaded, skipped = transfer_weights(model, tmp_path / "lm")
     assert skipped == [] and "embed.weight" in loaded and any(n.startswith("backbone.") for n in loaded)
-    lm = load_run(tmp_path / "lm").model
+    lm = load_run(tmp_path / "lm", get_task=get_task).model
     for name, tensor in lm.state_dict().items():
         if name.startswith(("backbone.", "embed.")):
             assert torch.equal(model.state_dict()[name], tensor), name

@@ -14,9 +14,9 @@ from data_recipes import timeseries as ts
 from tasks.forecast import TASK, ForecastConfig, _normalize, scaler_tensors
 from tasks.forecast_models import DLinear, TitansForecaster
 from tests.fixtures.timeseries import write_ett_slice
-from titans_cli.config import ModelConfig, RunConfig, RunSection
-from titans_cli.errors import UsageError
-from titans_cli.model import Titans
+from titans_cli.backbone.model import Titans
+from titans_cli.engine.config import ModelConfig, RunConfig, RunSection
+from titans_cli.engine.errors import UsageError
 
 TINY = ModelConfig(dim=16, n_layers=1, heads=2, memory_expansion=2, chunk_size=4, ffn_mult=2, n_persistent=2)
 

@@ -15,8 +15,8 @@ from data_recipes import timeseries as ts
 from tasks.forecast import LOSSES, ForecastConfig, window_datasets
 from tasks.forecast_models import DLinear, PatchTST, RevIN, RLinear, TitansForecaster, build_forecaster
 from tests.fixtures.timeseries import write_ett_slice
-from titans_cli.config import ModelConfig
-from titans_cli.model import Titans
+from titans_cli.backbone.model import Titans
+from titans_cli.engine.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ModelConfig(dim=16, n_layers=1, heads=2, memory_expansion=2, chunk_size=4, ffn_mult=2, n_persistent=2)

@@ -13,8 +13,8 @@ import torch
 from data_recipes.recall import IGNORE, RecallSpec, generate, prepare
 from tasks.recall import TASK
 from tests.recall_fixtures import TINY_SPEC, tiny_config, tiny_data
-from titans_cli.errors import DataError, UsageError
-from titans_cli.evaluate import evaluate_split
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.evaluate import evaluate_split
 
 
 def test_every_query_asks_a_distinct_key_placed_beyond_the_gap():

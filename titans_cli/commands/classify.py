@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 import typer
 
 from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result, log
-from titans_cli.errors import UsageError
-from titans_cli.runs import check_output_file, removed_on_failure
+from titans_cli.engine.errors import UsageError
+from titans_cli.engine.runs import check_output_file, removed_on_failure
 
 FASTA_SUFFIXES = {".fa", ".fasta", ".fna", ".fas"}
 
@@ -88,16 +88,17 @@ def classify(
     import polars as pl
 
     from data_recipes.dna import write_atomic_text
+    from tasks import get_task
     from tasks.dna import predict_sequences
-    from titans_cli.checkpoint import load_run
-    from titans_cli.runtime import resolve_device
+    from titans_cli.engine.checkpoint import load_run
+    from titans_cli.engine.runtime import resolve_device
 
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     beds = {f"--bed {b}": Path(b.rsplit(":", 1)[0]) for b in bed or []}
     check_output_file(out, "--out", {"--input": input_path, "--fasta": fasta, **beds})
     rows = read_input(input_path, fasta, bed or [], label_regex, length, crop)  # input errors before the model loads
-    loaded = load_run(run, which=checkpoint, device=resolve_device(device))
+    loaded = load_run(run, which=checkpoint, device=resolve_device(device), get_task=get_task)
     if loaded.task.name != "dna":
         other = "`titans forecast`" if loaded.task.name == "forecast" else "`titans eval`"
         raise UsageError(f"--run {run} is a {loaded.task.name!r} run; classify needs a dna run (try {other})")

@@ -16,8 +16,8 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
-from titans_cli.errors import TitansError
-from titans_cli.runs import json_safe
+from titans_cli.engine.errors import TitansError
+from titans_cli.engine.runs import json_safe
 
 P = ParamSpec("P")
 R = TypeVar("R")

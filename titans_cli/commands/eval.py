@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result
-from titans_cli.errors import UsageError
+from titans_cli.engine.errors import UsageError
 
 
 def eval_command(
@@ -32,7 +32,8 @@ def eval_command(
 
     Example: titans eval --run runs/recall-mac --json
     """
-    from titans_cli.evaluate import evaluate_run
+    from tasks import get_task
+    from titans_cli.engine.evaluate import evaluate_run
 
     opts: dict[str, str] = {}
     for item in opt or []:
@@ -43,7 +44,8 @@ def eval_command(
     if season_length is not None:  # forecast (Engineer B)
         opts["season_length"] = str(season_length)
     result = evaluate_run(
-        run, split=split, data_dir=data, which=checkpoint, device=device, batch_size=batch_size, opts=opts
+        run, split=split, data_dir=data, which=checkpoint, device=device, batch_size=batch_size, opts=opts,
+        get_task=get_task,
     )
     human = None
     first = next(iter(result.get("sub_runs", {}).values()), result)

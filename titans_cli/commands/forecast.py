@@ -13,8 +13,8 @@ import typer
 
 from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result, log
 from titans_cli.commands.prepare_timeseries import choice
-from titans_cli.errors import DataError, UsageError
-from titans_cli.runs import check_output_file, removed_on_failure
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.runs import check_output_file, removed_on_failure
 
 # What matplotlib's savefig writes by file name (the formats of its Agg backend used here).
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
@@ -43,10 +43,11 @@ def forecast(
 
     Example: titans forecast --run runs/etth1/h96 --input data/ETTh1/ETTh1.csv --out forecast.csv --context all
     """
+    from tasks import get_task
     from tasks.forecast import forecast_file
     from tasks.forecast_output import plot_forecast, write_table
-    from titans_cli.checkpoint import load_run
-    from titans_cli.runtime import resolve_device
+    from titans_cli.engine.checkpoint import load_run
+    from titans_cli.engine.runtime import resolve_device
 
     context = choice(context, ("window", "all"), "--context")
     choice(checkpoint, ("best", "last"), "--checkpoint")
@@ -59,7 +60,7 @@ def forecast(
         check_output_file(plot, "--plot", inputs={"--input": input_path, "--out": out})
     if not input_path.is_file():
         raise DataError(f"--input {input_path}: file not found")
-    loaded = load_run(run, which=checkpoint, device=resolve_device(device))
+    loaded = load_run(run, which=checkpoint, device=resolve_device(device), get_task=get_task)
     if loaded.task.name != "forecast":
         hint = _COMMAND_FOR.get(loaded.task.name, "titans eval")
         raise UsageError(f"--run {run}: a {loaded.task.name!r} run, not a forecast run; use `{hint}`")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result, log
-from titans_cli.errors import UsageError
+from titans_cli.engine.errors import UsageError
 
 
 def choice(value: str, options: tuple[str, ...], flag: str) -> str:

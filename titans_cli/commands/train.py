@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result
-from titans_cli.errors import UsageError
+from titans_cli.engine.errors import UsageError
 
 
 def train(
@@ -62,9 +62,9 @@ def train(
     """
     from tasks import get_task
     from tasks.presets import PRESETS, TASK_DEFAULTS
-    from titans_cli.config import check_resume_changes, dumps_toml, load_config, loads_config
-    from titans_cli.runs import CONFIG, absolute_paths, default_run_name, is_run_dir
-    from titans_cli.train import run
+    from titans_cli.engine.config import check_resume_changes, dumps_toml, load_config, loads_config
+    from titans_cli.engine.runs import CONFIG, absolute_paths, default_run_name, is_run_dir
+    from titans_cli.engine.train import run
 
     given = {
         "run.task": ("--task", task),

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from titans_cli.ops.memory_update import MemoryState, memory_update
-from titans_cli.ops.memory_update.mlp import mlp_forward
+from titans_cli.backbone.config import ModelConfig
+from titans_cli.backbone.ops.memory_update import MemoryState, memory_update
+from titans_cli.backbone.ops.memory_update.mlp import mlp_forward
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -70,15 +73,15 @@ def key_overlap(k: Tensor, carried: Tensor | None, position: int, chunk_size: in
     return overlap[:, :, start : start + T].clamp(min=1.0), kk[:, :, n - end :].to(k.dtype)
 
 
-class NeuralMemory(nn.Module):
-    """Multi-head neural long-term memory: `o, state = memory(x, state)` with x `[B, T, dim]`.
+@dataclass(frozen=True)
+class MemorySettings:
+    """What a `NeuralMemory` layer does besides its width: the memory-related `[model]` fields, built once from a
+    `ModelConfig` (`from_config`) and passed down whole. The defaults are `ModelConfig`'s.
 
-    Args:
-        dim: model width; split into `heads` independent memories of head dim `dim // heads` (A19).
-        heads: number of memory heads.
-        depth: L_M, layers of each memory MLP (1 = matrix memory).
-        expansion: hidden width of the memory MLP as a multiple of the head dim.
-        activation: hidden activation of the memory MLP (silu, gelu, tanh).
+    Fields (the `[model]` name in brackets where it differs):
+        depth [memory_depth]: L_M, layers of each memory MLP (1 = matrix memory).
+        expansion [memory_expansion]: hidden width of the memory MLP as a multiple of the head dim.
+        activation [memory_activation]: hidden activation of the memory MLP (silu, gelu, tanh).
         chunk_size: b, gradient-point refresh interval of the chunked update.
         theta_max: upper bound of θ_t: with the default step scale, the most that one write moves M(k) towards v.
         eta_max: upper bound of η_t (< 1, so that momentum always decays).
@@ -88,43 +91,63 @@ class NeuralMemory(nn.Module):
             value makes the update overshoot (docs/design.md §12); "none" is Eq. 14 as written.
         conv_kernel: short causal depthwise conv after the q/k/v projections (0 or 1 disables it).
         read: "inclusive" (M_t(q_t)) or "strict" (M_{t-1}(q_t)).
-        kernel: memory-update path, see `titans_cli.ops.memory_update.memory_update`.
+        kernel: memory-update path, see `titans_cli.backbone.ops.memory_update.memory_update`.
         inner_clip: c > 0 clamps each token's inner error M(k) − v to [−c, c] (Huber inner loss, spec §11): a
             bound on every write that keeps the chunked update finite when a chunk's keys coincide; 0 disables it.
         checkpoint_chunks: G > 0 recomputes the memory update in backward from every G-th chunk state instead of
             keeping all its activations (torch path): flat training memory in the length, ~1/3 more compute.
-        piece_len: inputs longer than this run through the layer in pieces of this many tokens, carried by the
-            state (same result); 0 runs any length in one piece.
+        piece_len [memory_piece_len]: inputs longer than this run through the layer in pieces of this many tokens,
+            carried by the state (same result); 0 runs any length in one piece.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        depth: int = 2,
-        expansion: int = 4,
-        activation: str = "silu",
-        chunk_size: int = 16,
-        theta_max: float = 0.4,
-        conv_kernel: int = 4,
-        read: str = "inclusive",
-        kernel: str = "torch",
-        inner_clip: float = 1.0,
-        checkpoint_chunks: int = 0,
-        piece_len: int = 1024,
-        eta_max: float = 0.9,
-        step_scale: str = "gram",
-    ) -> None:
+    depth: int = ModelConfig.memory_depth
+    expansion: int = ModelConfig.memory_expansion
+    activation: str = ModelConfig.memory_activation
+    chunk_size: int = ModelConfig.chunk_size
+    theta_max: float = ModelConfig.theta_max
+    eta_max: float = ModelConfig.eta_max
+    step_scale: str = ModelConfig.step_scale
+    conv_kernel: int = ModelConfig.conv_kernel
+    read: str = ModelConfig.read
+    kernel: str = ModelConfig.kernel
+    inner_clip: float = ModelConfig.inner_clip
+    checkpoint_chunks: int = ModelConfig.checkpoint_chunks
+    piece_len: int = ModelConfig.memory_piece_len
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> MemorySettings:
+        """The memory fields of a `[model]` config."""
+        renamed = {"depth": "memory_depth", "expansion": "memory_expansion", "activation": "memory_activation",
+                   "piece_len": "memory_piece_len"}  # fmt: skip
+        return cls(**{f.name: getattr(cfg, renamed.get(f.name, f.name)) for f in dataclasses.fields(cls)})
+
+
+class NeuralMemory(nn.Module):
+    """Multi-head neural long-term memory: `o, state = memory(x, state)` with x `[B, T, dim]`.
+
+    Example:
+        >>> memory = NeuralMemory(dim=64, heads=4, chunk_size=16)
+        >>> o, state = memory(torch.randn(2, 100, 64))          # o [2, 100, 64]
+        >>> o2, state = memory(torch.randn(2, 20, 64), state)   # continues the same sequences
+
+    Args:
+        dim: model width; split into `heads` independent memories of head dim `dim // heads` (A19).
+        heads: number of memory heads.
+        settings: the rest, a `MemorySettings` (from a `ModelConfig`: `NeuralMemory.from_config(cfg)`); None: the
+            defaults.
+        **overrides: any `MemorySettings` field by name (`depth=1`, `chunk_size=4`, `kernel="naive"`, ...), applied
+            over `settings`.
+    """
+
+    def __init__(self, dim: int, heads: int, settings: MemorySettings | None = None, **overrides: Any) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.settings = s = dataclasses.replace(settings or MemorySettings(), **overrides)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
-        self.activation, self.chunk_size, self.theta_max = activation, chunk_size, theta_max
-        self.read, self.kernel, self.inner_clip = read, kernel, inner_clip
-        self.checkpoint_chunks, self.piece_len = checkpoint_chunks, piece_len
-        self.eta_max, self.step_scale = eta_max, step_scale
+        depth, expansion = s.depth, s.expansion
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.conv = CausalDepthwiseConv(3 * dim, conv_kernel)
+        self.conv = CausalDepthwiseConv(3 * dim, s.conv_kernel)
         self.gates = nn.Linear(dim, 3 * heads)
         with torch.no_grad():
             # Initial gates: α ≈ 0.0025 (half-life ~280 tokens, so long-range recall is learnable from the start),
@@ -141,6 +164,11 @@ class NeuralMemory(nn.Module):
         self.out_norm = nn.RMSNorm(d)
         self.gate_proj = nn.Linear(dim, dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> NeuralMemory:
+        """The memory layer of a `[model]` config: width `cfg.dim`, `cfg.heads` heads, `MemorySettings.from_config`."""
+        return cls(cfg.dim, cfg.heads, MemorySettings.from_config(cfg))
 
     def initial_state(self, batch: int) -> MemoryState:
         """M_0 per sample (reset per sequence, spec §2.7) and S_0 = 0."""
@@ -176,12 +204,13 @@ class NeuralMemory(nn.Module):
         """
         if state is None:
             state = self.initial_state(x.shape[0])
-        if 0 < self.piece_len < x.shape[1]:
+        piece_len = self.settings.piece_len
+        if 0 < piece_len < x.shape[1]:
             # A long input goes through the layer in pieces carried by the state (streaming equals one call): every
             # buffer stays piece-sized instead of GB-sized at 16k tokens, measured faster there (README,
             # Performance), and no result changes.
             outs = []
-            for piece in x.split(self.piece_len, dim=1):
+            for piece in x.split(piece_len, dim=1):
                 o, state = self._forward(piece, state)
                 outs.append(o)
             return torch.cat(outs, dim=1), state
@@ -193,16 +222,17 @@ class NeuralMemory(nn.Module):
         g = self.gates(x)
         g = torch.sigmoid(g.to(torch.promote_types(g.dtype, torch.float32))).transpose(1, 2)  # [B, 3H, T]
         alpha, eta, theta = g[:, : self.heads], g[:, self.heads : 2 * self.heads], g[:, 2 * self.heads :]
-        eta = self.eta_max * eta
-        theta = self.theta_max * theta
+        s = self.settings
+        eta = s.eta_max * eta
+        theta = s.theta_max * theta
         keys = None
-        if self.step_scale == "gram":
-            overlap, keys = key_overlap(k, state.keys, state.position, self.chunk_size)
+        if s.step_scale == "gram":
+            overlap, keys = key_overlap(k, state.keys, state.position, s.chunk_size)
             theta = theta * (1.0 - eta) / overlap
         y, new = memory_update(
             q, k, v, alpha, eta, theta, state,
-            chunk_size=self.chunk_size, activation=self.activation, read=self.read, kernel=self.kernel,
-            clip=self.inner_clip, checkpoint_chunks=self.checkpoint_chunks,
+            chunk_size=s.chunk_size, activation=s.activation, read=s.read, kernel=s.kernel,
+            clip=s.inner_clip, checkpoint_chunks=s.checkpoint_chunks,
         )  # fmt: skip
         return self._output(y.to(x.dtype), x), dataclasses.replace(new, conv=tail, keys=keys)
 
@@ -213,5 +243,5 @@ class NeuralMemory(nn.Module):
         Returns the output `[B, T, dim]` and the new conv tail.
         """
         q, _, _, tail = self._project(x, tail)
-        y = mlp_forward(state.weights, q, self.activation)
+        y = mlp_forward(state.weights, q, self.settings.activation)
         return self._output(y, x), tail

@@ -12,7 +12,7 @@ chunks in reverse carrying the gradient of the chunk-end state: per chunk the ba
 dual-form reads layer by layer and of the closed-form inner gradients (σ'' at depth 2), the port of chunk.py's
 `_FusedChunkStep._backward`. It writes dq, dk, dv and the gradients of the per-chunk coefficients; torch autograd
 maps those to dα, dη, dθ through `layout_coefficients` (O(b²) per chunk). `backward="torch"` keeps the plain
-reference: recompute each segment with the torch closed form (`chunk_memory_update`) and autograd through it.
+reference: recompute each segment with the torch closed form (`torch_memory_update`) and autograd through it.
 
 The per-chunk coefficients β, γ, E, C, θP come from chunk.py's `chunk_coefficients` (torch), so both paths use the
 same numbers. README.md in this folder has the derivation, the tiling and the shape legend.
@@ -34,8 +34,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from titans_cli.ops.memory_update.chunk import chunk_coefficients, chunk_memory_update
-from titans_cli.ops.memory_update.state import MemoryState
+from titans_cli.backbone.ops.memory_update.chunk import chunk_coefficients, torch_memory_update
+from titans_cli.backbone.ops.memory_update.state import MemoryState
 
 # Triton reads TRITON_INTERPRET when the kernels below are decorated; then they run on CPU tensors (tests).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -1011,7 +1011,7 @@ def _torch_backward(ctx, dy: Tensor | None, d_state: tuple[Tensor | None, ...]) 
             a0, leaves = w0, w0 + s0  # the segment starts on a chunk border: anchor = weights
         with torch.enable_grad():
             start = MemoryState(tuple(w0), tuple(s0), tuple(a0), spec.position + bounds[seg])
-            y, end = chunk_memory_update(
+            y, end = torch_memory_update(
                 *xs, start, chunk_size=b, activation=spec.activation, read=spec.read, clip=spec.clip
             )
         outs, outs_grad = [y], [dy[:, :, sl].float() if dy is not None else torch.zeros_like(y)]
@@ -1048,7 +1048,7 @@ def triton_memory_update(
     clip: float = 0.0,
     backward: str = "triton",
 ) -> tuple[Tensor, MemoryState]:
-    """Triton forward and backward (fp32 accumulation) of `chunk_memory_update`, same signature and result.
+    """Triton forward and backward (fp32 accumulation) of `torch_memory_update`, same signature and result.
 
     Args:
         q, k, v: `[B, H, T, D]` float32, bfloat16 or float16 (CUDA, or CPU under TRITON_INTERPRET=1).

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from titans_cli import __version__
-from titans_cli.config import RunConfig, loads_config
-from titans_cli.errors import DataError, UsageError
-from titans_cli.runs import CHECKPOINTS, atomic_write, is_run_dir
-from titans_cli.runtime import preserved_rng
+from titans_cli.engine.config import RunConfig, loads_config
+from titans_cli.engine.errors import DataError, UsageError
+from titans_cli.engine.runs import CHECKPOINTS, atomic_write, is_run_dir
+from titans_cli.engine.runtime import preserved_rng
+from titans_cli.engine.task import Task, TaskLookup
 
 FORMAT = "titans-checkpoint/1"
 REQUIRED_KEYS = ("format", "task", "config_toml", "meta_json", "model")
@@ -71,7 +72,7 @@ class LoadedRun:
     """A trained model rebuilt from one checkpoint, in eval mode on the requested device."""
 
     cfg: RunConfig
-    task: Any  # tasks.base.Task
+    task: Task
     model: nn.Module
     meta: dict[str, Any]
     run_dir: Path
@@ -96,13 +97,14 @@ def checkpoint_path(run: Path, which: str = "best", flag: str = "--run") -> Path
     raise UsageError(f"{flag} {run}: no {CHECKPOINTS}/{which}.pt; is it a finished `titans train` run directory?")
 
 
-def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(
+    run_dir: Path, which: str = "best", device: str | torch.device = "cpu", *, get_task: TaskLookup
+) -> LoadedRun:
     """Rebuild task, config and model from `RUN/checkpoints/<which>.pt` alone (or from a .pt path).
 
-    The model is built under `preserved_rng`, so loading a run does not move the caller's random streams.
+    `get_task` finds the task the checkpoint names (`tasks.get_task`: the engine does not import the tasks). The
+    model is built under `preserved_rng`, so loading a run does not move the caller's random streams.
     """
-    from tasks import get_task  # the registry lives in the top-level tasks package (imported lazily)
-
     run_dir = Path(run_dir)
     path = checkpoint_path(run_dir, which)
     ckpt = read_checkpoint(path, device="cpu")

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from titans_cli.config import ModelConfig
-from titans_cli.memory import NeuralMemory
-from titans_cli.ops.memory_update import MemoryState
+from titans_cli.backbone.config import ModelConfig
+from titans_cli.backbone.memory import NeuralMemory
+from titans_cli.backbone.ops.memory_update import MemoryState
 
 
 def _rope(x: Tensor, start: int) -> Tensor:
@@ -150,16 +150,6 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-def _memory(cfg: ModelConfig) -> NeuralMemory:
-    return NeuralMemory(
-        cfg.dim, cfg.heads, depth=cfg.memory_depth, expansion=cfg.memory_expansion,
-        activation=cfg.memory_activation, chunk_size=cfg.chunk_size, theta_max=cfg.theta_max,
-        conv_kernel=cfg.conv_kernel, read=cfg.read, kernel=cfg.kernel, inner_clip=cfg.inner_clip,
-        checkpoint_chunks=cfg.checkpoint_chunks, piece_len=cfg.memory_piece_len, eta_max=cfg.eta_max,
-        step_scale=cfg.step_scale,
-    )  # fmt: skip
-
-
 def _scale_attn_branch(block: MACBlock | MAGBlock) -> None:
     """Scale the block's attention-branch output weights (`attn_branch_init`; 1 keeps PyTorch's init)."""
     if block.cfg.attn_branch_init != 1.0:
@@ -220,7 +210,7 @@ class LMMBlock(Block):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.memory = _memory(cfg)
+        self.memory = NeuralMemory.from_config(cfg)
 
     def start(self, prefix: Tensor, batch: int) -> tuple[Tensor, LayerState]:
         y, mem = self.memory(self.norm(prefix))
@@ -252,7 +242,7 @@ class MALBlock(Block):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.memory = _memory(cfg)
+        self.memory = NeuralMemory.from_config(cfg)
         self.attn_norm = nn.RMSNorm(cfg.dim)
         self.attn = Attention(cfg.dim, cfg.heads, cfg.window)
 
@@ -281,7 +271,7 @@ class MAGBlock(Block):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.memory = _memory(cfg)
+        self.memory = NeuralMemory.from_config(cfg)
         self.attn = Attention(cfg.dim, cfg.heads, cfg.window)
         self.y_norm, self.m_norm = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -318,7 +308,7 @@ class MACBlock(Block):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        self.memory = _memory(cfg)
+        self.memory = NeuralMemory.from_config(cfg)
         self.attn = Attention(cfg.dim, cfg.heads, cfg.window)
         self.m_norm = nn.RMSNorm(cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)

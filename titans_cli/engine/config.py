@@ -1,7 +1,6 @@
 """Typed run configuration: frozen dataclasses for the model, training and task sections.
 
-`ModelConfig` field names follow the paper's symbols where it has one (spec §2-§5 and the style guide):
-`chunk_size` is b, `segment_len` is C, `n_persistent` is N_p, `memory_depth` is L_M, `theta_max` bounds θ.
+`ModelConfig` (`[model]`) is the backbone's own (titans_cli/backbone/config.py) and is re-exported here.
 `RunConfig` = `[run]` + `[model]` + `[train]` + `[task]`; `load_config` resolves it with strict keys and types
 (precedence: CLI flags > `--set` > `--config FILE` > `--preset` > defaults) and `dumps_toml` writes it back.
 """
@@ -18,90 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from titans_cli.errors import UsageError
-
-Variant = Literal["lmm", "mac", "mag", "mal", "attn"]
-Kernel = Literal["auto", "torch", "triton", "naive"]
+from titans_cli.backbone.config import ConfigError, ModelConfig
+from titans_cli.backbone.config import check_fields as _check_fields
+from titans_cli.engine.errors import UsageError
 
 
 def check_fields(section: str, obj: object, checks: list[tuple[str, bool, str]]) -> None:
     """Raise a `UsageError` naming `section.field`, the rule and the value for the first failed (field, ok, rule)."""
-    for name, ok, why in checks:
-        if not ok:
-            raise UsageError(f"{section}.{name}: {why}, got {getattr(obj, name)!r}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The Titans backbone. Every proposed reading of an ambiguity (spec §10) is a field here."""
-
-    variant: Variant = "lmm"  # lmm: memory only (§4.3); mac / mag / mal: Eqs. 21-31; attn: baseline
-    dim: int = 128  # model width d
-    n_layers: int = 2
-    heads: int = 4  # memory heads and attention heads; head dim = dim / heads (A19)
-    memory_depth: int = 2  # L_M: 1 = matrix memory, >= 2 = MLP memory (A4)
-    memory_expansion: int = 4  # hidden width of the memory MLP = expansion * head dim (A4)
-    memory_activation: Literal["silu", "gelu", "tanh"] = "silu"
-    chunk_size: int = 16  # b: gradients are taken at chunk-start weights (Eqs. 16-18)
-    read: Literal["inclusive", "strict"] = "inclusive"  # y_t = M_t(q_t) or M_{t-1}(q_t) (A6)
-    theta_max: float = 0.4  # θ_t in (0, θ_max] (A1; spec §11 on stability)
-    eta_max: float = 0.9  # η_t in (0, η_max]: momentum always decays (docs/design.md §12)
-    # θ_t's scale (docs/design.md §12): "gram" θ_t (1 − η_t) / r_t with r_t the overlap of k_t with the earlier keys
-    # of its chunk; "none" Eq. 14 as written
-    step_scale: Literal["none", "gram"] = "gram"
-    inner_clip: float = 1.0  # > 0: clamp each token's inner error M(k) − v to [−c, c] (Huber; spec §11); 0: off
-    checkpoint_chunks: int = 0  # > 0: keep every Nth chunk state for backward, recompute the rest (long sequences)
-    memory_piece_len: int = 1024  # longer inputs run through each memory layer in pieces of this many tokens; 0: off
-    conv_kernel: int = 4  # causal depthwise conv after q/k/v projections (§2.1); 0 disables it
-    window: int = 64  # sliding-window attention size (MAG, MAL, attn)
-    segment_len: int = 64  # C: MAC segment length (Eqs. 21-25)
-    n_persistent: int = 4  # N_p persistent memory tokens (Eq. 19)
-    # MAC/MAG ⊗ (Eqs. 25, 28; A10): False = the gate alone, o = W(y ⊙ σ(RMSNorm(M))); True = the gate plus the
-    # memory output as its own residual branch, o = W(y ⊙ σ(RMSNorm(M))) + M. True by default: through the gate
-    # alone the memory reaches the stream only via a sigmoid after a per-token norm, and MAC/MAG recall stayed at
-    # chance with it (docs/results.md, Recall)
-    memory_residual: bool = True
-    # MAC Eq. 24 (A8): what the memory writes and reads: "attn" = the attention output y; "residual" =
-    # RMSNorm(x + y), the residual stream after the attention sub-layer (keeps the token itself in the key)
-    mac_write: Literal["attn", "residual"] = "residual"
-    # MAC/MAG: initial scale of the weights that carry attention into the block: W of the gated branch
-    # W(y ⊙ σ(·)) (both) and MAC's attention output projection (y, also written to the memory). 1 = PyTorch's
-    # default init; 0 starts the block as its memory alone (with memory_residual and, for MAC,
-    # mac_write=residual: o = M(RMSNorm(x̂)) as in LMM). The hybrids' recall otherwise sits on a chance plateau
-    # that some seeds never leave; see train.memory_warmup, which holds these weights at 0 for a while
-    attn_branch_init: float = 1.0
-    ffn_mult: int = 4  # hidden width of each block's MLP = ffn_mult * dim; 0 = no FFN sub-block
-    dropout: float = 0.0
-    kernel: Kernel = "torch"  # memory-update path: torch (chunked closed form), naive (per token), triton
-
-    def __post_init__(self) -> None:
-        check_fields("model", self, [
-            ("dim", self.dim >= 1, "must be >= 1"),
-            ("n_layers", self.n_layers >= 1, "must be >= 1"),
-            ("heads", self.heads >= 1 and self.dim % max(1, self.heads) == 0, f"must divide dim {self.dim}"),
-            ("memory_depth", self.memory_depth >= 1, "must be >= 1"),
-            ("memory_expansion", self.memory_expansion >= 1, "must be >= 1"),
-            ("chunk_size", self.chunk_size >= 1, "must be >= 1"),
-            ("theta_max", self.theta_max > 0, "must be > 0"),
-            ("eta_max", 0 < self.eta_max <= 1, "must be in (0, 1] (1: momentum may never decay, Eq. 14 as written)"),
-            ("inner_clip", self.inner_clip >= 0, "must be >= 0 (0 disables the clamp)"),
-            ("checkpoint_chunks", self.checkpoint_chunks >= 0, "must be >= 0 (0 disables checkpointing)"),
-            ("memory_piece_len", self.memory_piece_len >= 0, "must be >= 0 (0 reads any length in one piece)"),
-            ("conv_kernel", self.conv_kernel >= 0, "must be >= 0"),
-            ("window", self.window >= 1, "must be >= 1"),
-            ("segment_len", self.segment_len >= 1, "must be >= 1"),
-            ("n_persistent", self.n_persistent >= 0, "must be >= 0"),
-            ("ffn_mult", self.ffn_mult >= 0, "must be >= 0"),
-            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
-            ("attn_branch_init", self.attn_branch_init >= 0, "must be >= 0 (0 starts the block as its memory alone)"),
-        ])  # fmt: skip
-        if self.variant == "mac" and self.attn_branch_init == 0 and not self.memory_residual:
-            # With W and the attention output projection both zero, MAC's output W(y ⊙ σ(·)) is 0 and so are the
-            # gradients of W (through y = 0), of the projection (through W = 0) and of the memory: a dead block.
-            raise UsageError(
-                "model.attn_branch_init=0 with model.memory_residual=false makes every MAC block output zero with zero "
-                "gradient (it can never learn); set model.memory_residual=true or model.attn_branch_init > 0"
-            )
+    _check_fields(section, obj, checks, UsageError)
 
 
 Precision = Literal["32", "bf16"]
@@ -109,7 +32,7 @@ Precision = Literal["32", "bf16"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training engine (`titans_cli.train`): AdamW, warm-up + cosine schedule, clipping, early stopping."""
+    """The training engine (`titans_cli.engine.train`): AdamW, warm-up + cosine schedule, clipping, early stopping."""
 
     lr: float = 1e-3  # peak learning rate of AdamW
     weight_decay: float = 0.01  # applied to matrices only (dim >= 2), never to biases, norms or gates
@@ -379,6 +302,8 @@ def _build(cls: type, section: str, entries: list[tuple[str, _Value]], task_name
         return cls(**kwargs)
     except UsageError:
         raise
+    except ConfigError as err:  # the backbone's ValueError names model.field already
+        raise UsageError(str(err)) from None
     except (TypeError, ValueError) as err:
         raise UsageError(f"[{section}]: {err}") from None
 

@@ -8,9 +8,9 @@ Per chunk of n ≤ b tokens, with start state (M_0, S_0) and gradient point W_g 
 Per-token reads use the dual form, layer by layer, without materialising the n weight copies:
     Z̃ = diag(β) Ã W_0 + diag(γ) Ã S_0 − (C ⊙ Ã Aᵀ) Δ
 and the chunk-end state is two matmuls per layer. The outer loop (§2.7) differentiates it in one of two ways:
-`_chunk_step`, plain autograd (the reference), or `_FusedChunkStep`, a `torch.autograd.Function` with a hand-written
-backward (the default, `fused=True`): autograd handles only the O(b²) coefficients, the backward of the matmuls
-is written out (README.md, "Backward of the torch path").
+plain autograd through `naive.naive_chunk_step` (the readable reference, naive.py), or here `_FusedChunkStep`, a
+`torch.autograd.Function` with a hand-written backward: autograd handles only the O(b²) coefficients, the backward of
+the matmuls is written out (README.md, "Backward of the torch path").
 
 Shape legend: B batch, H heads, n tokens in the chunk, weights `[B, H, d_in, d_out]`.
 """
@@ -25,8 +25,8 @@ import torch.utils.checkpoint
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from titans_cli.ops.memory_update.mlp import ACTIVATIONS, mlp_inner_grad_factors
-from titans_cli.ops.memory_update.state import MemoryState
+from titans_cli.backbone.ops.memory_update.mlp import ACTIVATIONS
+from titans_cli.backbone.ops.memory_update.state import MemoryState
 
 # Coefficients below e^-69 ≈ 1e-30 are zeroed: float32 denormals there take a slow microcode path on x86
 # (performance.md: 3-4x slower steps) and contribute nothing.
@@ -72,7 +72,7 @@ def chunk_coefficients(
     return beta, gamma, e, c, theta_p
 
 
-def _read_rows(beta: Tensor, gamma: Tensor, c: Tensor, read: str) -> tuple[Tensor, Tensor, Tensor]:
+def read_rows(beta: Tensor, gamma: Tensor, c: Tensor, read: str) -> tuple[Tensor, Tensor, Tensor]:
     """Coefficient rows of the reads: the chunk's own rows (inclusive), or shifted one row down (strict)."""
     if read == "inclusive":
         return beta, gamma, c
@@ -81,47 +81,6 @@ def _read_rows(beta: Tensor, gamma: Tensor, c: Tensor, read: str) -> tuple[Tenso
     r_gamma = torch.cat([torch.zeros_like(gamma[..., :1]), gamma[..., :-1]], dim=-1)
     r_c = torch.cat([torch.zeros_like(c[..., :1, :]), c[..., :-1, :]], dim=-2)
     return r_beta, r_gamma, r_c
-
-
-def _chunk_step(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    alpha: Tensor,
-    eta: Tensor,
-    theta: Tensor,
-    weights: Sequence[Tensor],
-    surprise: Sequence[Tensor],
-    anchor: Sequence[Tensor],
-    activation: str,
-    read: str,
-    clip: float = 0.0,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """One chunk: reads `[B, H, n, D]` and the end-of-chunk weights and surprise."""
-    act, _ = ACTIVATIONS[activation]
-    beta, gamma, e, c, theta_p = chunk_coefficients(alpha, eta, theta)
-    inputs, errors = mlp_inner_grad_factors(anchor, k, v, activation, clip)
-    r_beta, r_gamma, r_c = _read_rows(beta, gamma, c, read)
-    h = q
-    n_layers = len(weights)
-    new_w, new_s = [], []
-    c_end = c[..., -1, :].unsqueeze(-1)  # C_{n,:}
-    tp = theta_p.unsqueeze(-1)
-    b_end, g_end, e_end = beta[..., -1, None, None], gamma[..., -1, None, None], e[..., -1, None, None]
-    for l in range(n_layers):
-        a, d, w, s = inputs[l], errors[l], weights[l], surprise[l]
-        d_out = w.shape[-1]
-        # Dual form (spec §3.3): h W_i = β_i h W_0 + γ_i h S_0 − Σ_j C_ij (h·a_j) δ_j; W_0 and S_0 are read with one
-        # matmul of the concatenated [W_0 | S_0].
-        hws = h @ torch.cat([w, s], dim=-1)
-        z = r_beta.unsqueeze(-1) * hws[..., :d_out] + r_gamma.unsqueeze(-1) * hws[..., d_out:]
-        z = z - (r_c * (h @ a.transpose(-1, -2))) @ d
-        h = act(z) if l < n_layers - 1 else z
-        # Chunk end (spec §3.2): Σ_j c_j a_jᵀ δ_j = Aᵀ diag(c) Δ, for M and S in one matmul.
-        g = a.transpose(-1, -2) @ torch.cat([c_end * d, tp * d], dim=-1)
-        new_w.append(b_end * w + g_end * s - g[..., :d_out])
-        new_s.append(e_end * s - g[..., d_out:])
-    return h, new_w, new_s
 
 
 # --- Fused chunk step: hand-written backward (issue 2 §7) ---
@@ -166,7 +125,7 @@ def _t(x: Tensor) -> Tensor:
 
 
 class _FusedChunkStep(torch.autograd.Function):
-    """The heavy part of `_chunk_step` with a hand-written backward.
+    """The heavy part of `naive.naive_chunk_step` with a hand-written backward.
 
     Takes the read rows (β̃, γ̃, C̃; already shifted for the strict read) and the chunk-end coefficients
     (β_n, γ_n, E_n `[B, H]`, C_{n,:}, θ⊙P_{n,:} `[B, H, n]`) as inputs, so autograd differentiates the small
@@ -345,7 +304,7 @@ def _step_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, read: str) -> 
     chunks of a call can be done in one batched call): read rows β̃, γ̃, C̃ (shifted one row for the strict read)
     and the chunk-end β_n, γ_n, E_n, C_{n,:}, θ⊙P_{n,:}."""
     beta, gamma, e, c, theta_p = chunk_coefficients(alpha, eta, theta)
-    r_beta, r_gamma, r_c = _read_rows(beta, gamma, c, read)
+    r_beta, r_gamma, r_c = read_rows(beta, gamma, c, read)
     return [r_beta, r_gamma, r_c, beta[..., -1], gamma[..., -1], e[..., -1], c[..., -1, :], theta_p]
 
 
@@ -358,7 +317,7 @@ def _apply_fused(
     return out[0], list(out[1 : 1 + L]), list(out[1 + L :])
 
 
-def _fused_chunk_step(
+def fused_chunk_step(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -372,7 +331,7 @@ def _fused_chunk_step(
     read: str,
     clip: float = 0.0,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """`_chunk_step` with the hand-written backward of `_FusedChunkStep`; same inputs and results."""
+    """`naive.naive_chunk_step` with the hand-written backward of `_FusedChunkStep`; same inputs and results."""
     coefficients = _step_coefficients(alpha, eta, theta, read)
     return _apply_fused(q, k, v, coefficients, weights, surprise, anchor, activation, clip)
 
@@ -380,7 +339,7 @@ def _fused_chunk_step(
 # --- end fused chunk step ---
 
 
-def chunk_memory_update(
+def torch_memory_update(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -392,11 +351,12 @@ def chunk_memory_update(
     chunk_size: int = 16,
     activation: str = "silu",
     read: str = "inclusive",
-    fused: bool = True,
     clip: float = 0.0,
     checkpoint_chunks: int = 0,
 ) -> tuple[Tensor, MemoryState]:
-    """Chunked memory write + per-token reads; same signature and result as `recurrent_memory_update`.
+    """Chunked memory write + per-token reads (kernel "torch"): `_FusedChunkStep` per chunk, the coefficients of all
+    full chunks in one batched call; same signature and result as `naive.naive_memory_update` and, with autograd
+    through every step, `naive.naive_chunk_memory_update`.
 
     Chunk borders sit at multiples of `chunk_size` counted from the start of the sequence (`state.position`), so a
     call that begins or ends inside a chunk continues it exactly; a trailing partial chunk is written, never
@@ -409,39 +369,15 @@ def chunk_memory_update(
         chunk_size: b.
         activation: hidden activation of the memory MLP.
         read: "inclusive" or "strict".
-        fused: use `_FusedChunkStep` (hand-written backward, coefficients of all full chunks in one batched
-            call) instead of autograd through `_chunk_step`; same results.
         clip: c > 0 clamps each token's output error to [−c, c] (Huber inner loss, mlp.py); 0: Eq. 12 as written.
         checkpoint_chunks: G > 0 keeps only every G-th chunk state for backward and recomputes the rest (fused
             path, when gradients are enabled): training memory independent of length for ~1/3 more compute.
     Returns:
         y `[B, H, T, D]` and the state after the last token.
     """
-    if fused:
-        return _fused_memory_update(
-            q, k, v, alpha, eta, theta, state, chunk_size, activation, read, clip, checkpoint_chunks
-        )
-    T = q.shape[2]
-    weights, surprise, anchor = list(state.weights), list(state.surprise), list(state.anchor)
-    pos = state.position
-    outs = []
-    start = 0
-    while start < T:
-        if pos % chunk_size == 0:
-            anchor = weights
-        n = min(chunk_size - pos % chunk_size, T - start)
-        sl = slice(start, start + n)
-        y, weights, surprise = _chunk_step(
-            q[:, :, sl], k[:, :, sl], v[:, :, sl], alpha[:, :, sl], eta[:, :, sl], theta[:, :, sl],
-            weights, surprise, anchor, activation, read, clip,
-        )  # fmt: skip
-        outs.append(y)
-        start += n
-        pos += n
-    if pos % chunk_size == 0:
-        anchor = weights
-    y = torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape)
-    return y, MemoryState(tuple(weights), tuple(surprise), tuple(anchor), pos)
+    return _fused_memory_update(
+        q, k, v, alpha, eta, theta, state, chunk_size, activation, read, clip, checkpoint_chunks
+    )
 
 
 def _group_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, sizes: Sequence[int], chunk_size: int,
@@ -467,7 +403,7 @@ def _fused_memory_update(
     q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, state: MemoryState,
     chunk_size: int, activation: str, read: str, clip: float = 0.0, checkpoint_chunks: int = 0,
 ) -> tuple[Tensor, MemoryState]:  # fmt: skip
-    """The chunk loop of `chunk_memory_update` over `_FusedChunkStep`, in groups of `checkpoint_chunks` chunks
+    """The chunk loop of `torch_memory_update` over `_FusedChunkStep`, in groups of `checkpoint_chunks` chunks
     (one group of all chunks when it is 0 or no gradient is recorded).
 
     Each group computes the coefficients of its chunks (`_group_coefficients`) and runs them in order; with

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from titans_cli.config import read_toml
-from titans_cli.errors import TitansError, UsageError
-from titans_cli.runs import CHECKPOINTS, CONFIG, is_run_dir, resolve_in_run
-from titans_cli.runtime import autocast
+from titans_cli.engine.config import read_toml
+from titans_cli.engine.errors import TitansError, UsageError
+from titans_cli.engine.runs import CHECKPOINTS, CONFIG, is_run_dir, resolve_in_run
+from titans_cli.engine.runtime import autocast
+from titans_cli.engine.task import EvalReport, SubRuns, Summarize, Task, TaskLookup
 
 
 class DeviceLoader:
@@ -92,6 +93,7 @@ def evaluate_run(
     device: str = "auto",
     batch_size: int = 0,
     opts: dict[str, str] | None = None,
+    get_task: TaskLookup,
 ) -> dict[str, Any]:
     """`titans eval`: metrics of a run's checkpoint on one split, or of every sub-run plus their summary.
 
@@ -101,9 +103,10 @@ def evaluate_run(
         split: "test" or "val". data_dir: overrides the config's `run.data`.
         which: "best" or "last" checkpoint. batch_size: 0 uses the run's evaluation batch size.
         opts: passed to `task.eval_report(loaded, split, data_dir, **opts)` when the task defines it.
+        get_task: finds a run's task by its name (`tasks.get_task`).
     """
-    from titans_cli.checkpoint import load_run
-    from titans_cli.runtime import resolve_device
+    from titans_cli.engine.checkpoint import load_run
+    from titans_cli.engine.runtime import resolve_device
 
     if split not in ("test", "val"):
         raise UsageError(f"--split: expected test or val, got {split!r}")
@@ -112,19 +115,20 @@ def evaluate_run(
         raise UsageError(f"--run {run}: no such run directory")
     subs = sorted(p for p in run.iterdir() if p.is_dir() and is_run_dir(p)) if run.is_dir() else []
     if subs and not (run / CHECKPOINTS).is_dir():
-        _check_sub_runs(run, subs)
+        _check_sub_runs(run, subs, get_task)
         results = {
             p.name: evaluate_run(
-                p, split=split, data_dir=data_dir, which=which, device=device, batch_size=batch_size, opts=opts
+                p, split=split, data_dir=data_dir, which=which, device=device, batch_size=batch_size, opts=opts,
+                get_task=get_task,
             )
             for p in subs
         }
         out: dict[str, Any] = {"run": str(run), "split": split, "sub_runs": results}
-        task = _parent_task(run)
-        if hasattr(task, "summarize"):
+        task = _parent_task(run, get_task)
+        if isinstance(task, Summarize):
             out["summary"] = task.summarize(results)
         return out
-    loaded = load_run(run, which=which, device=resolve_device(device))
+    loaded = load_run(run, which=which, device=resolve_device(device), get_task=get_task)
     task, cfg = loaded.task, loaded.cfg
     if data_dir is None:
         data_dir = resolve_in_run(loaded.run_dir, cfg.run.data)
@@ -134,7 +138,7 @@ def evaluate_run(
             )
     elif not data_dir.is_dir():
         raise UsageError(f"--data {data_dir}: no such directory")
-    if hasattr(task, "eval_report"):
+    if isinstance(task, EvalReport):
         metrics = task.eval_report(loaded, split, data_dir, **opts)
     else:
         if opts:
@@ -162,20 +166,17 @@ def evaluate_run(
     }
 
 
-def _parent_task(run: Path) -> Any:
-    from tasks import get_task
-
+def _parent_task(run: Path, get_task: TaskLookup) -> Task:
     return get_task(str(read_toml(run / CONFIG, "--run").get("run", {}).get("task", "")))
 
 
-def _check_sub_runs(run: Path, subs: list[Path]) -> None:
+def _check_sub_runs(run: Path, subs: list[Path], get_task: TaskLookup) -> None:
     """Every sub-run the parent's config lists must have finished: an average over the horizons that happen to
     exist would be reported as the whole table's."""
-    from tasks import get_task
-    from titans_cli.config import loads_config
+    from titans_cli.engine.config import loads_config
 
-    task = _parent_task(run)
-    if not hasattr(task, "sub_runs"):
+    task = _parent_task(run, get_task)
+    if not isinstance(task, SubRuns):
         return
     cfg = loads_config((run / CONFIG).read_text(), lambda name: get_task(name).config_cls, str(run / CONFIG))
     expected = [name for name, _ in task.sub_runs(cfg)]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from titans_cli import __version__
-from titans_cli.errors import UsageError
+from titans_cli.engine.errors import UsageError
 
 CONFIG = "config.toml"
 ENV = "env.json"

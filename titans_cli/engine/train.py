@@ -30,13 +30,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from titans_cli import runs
-from titans_cli.checkpoint import read_checkpoint, save_checkpoint, transfer_weights
-from titans_cli.config import RunConfig, dumps_toml
-from titans_cli.errors import DataError, TitansError, UsageError
-from titans_cli.evaluate import DeviceLoader, evaluate_split, is_better
-from titans_cli.model import attn_branch_weights
-from titans_cli.runtime import (
+from titans_cli.backbone.model import attn_branch_weights
+from titans_cli.engine import runs
+from titans_cli.engine.checkpoint import read_checkpoint, save_checkpoint, transfer_weights
+from titans_cli.engine.config import RunConfig, dumps_toml
+from titans_cli.engine.errors import DataError, TitansError, UsageError
+from titans_cli.engine.evaluate import DeviceLoader, evaluate_split, is_better
+from titans_cli.engine.runtime import (
     World,
     all_mean,
     any_worker,
@@ -50,6 +50,7 @@ from titans_cli.runtime import (
     set_rng_state,
     world_from_env,
 )
+from titans_cli.engine.task import SubRuns, Summarize, Task
 
 Log = Callable[[str], None]
 StopCheck = Callable[[int], bool]
@@ -104,7 +105,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def run(
     cfg: RunConfig,
-    task: Any,
+    task: Task,
     run_dir: Path,
     *,
     resume: bool = False,
@@ -122,7 +123,7 @@ def run(
 
     Args:
         cfg: the resolved run config; `cfg.run.data` is the prepared data directory (relative: to `run_dir`).
-        task: a `tasks.base.Task`; `task.load`, `build_model`, `loss` and `evaluate` get the whole `cfg`.
+        task: a `titans_cli.engine.task.Task`; `task.load`, `build_model`, `loss` and `evaluate` get the whole `cfg`.
         run_dir: the run directory; a new run refuses a non-empty one unless `overwrite`.
         resume: continue from `run_dir/checkpoints/last.pt` (sub-runs: each unfinished one).
         quiet: no log lines on stderr. progress: a progress bar on a TTY, else a line every progress_every s.
@@ -142,7 +143,7 @@ def run(
         runs.check_unlocked(run_dir)
     else:
         runs.check_new_run_dir(run_dir, overwrite)
-    subs = list(task.sub_runs(cfg)) if hasattr(task, "sub_runs") else []
+    subs = list(task.sub_runs(cfg)) if isinstance(task, SubRuns) else []
     todo = [(n, c) for n, c in subs if not (resume and (run_dir / n / runs.METRICS).is_file())]
     with process_group(world, device):
         setup = None
@@ -183,7 +184,7 @@ def run(
             if not world.main:
                 return {}
             out: dict[str, Any] = {"run_dir": str(run_dir), "task": task.name, "sub_runs": finals}
-            if hasattr(task, "summarize"):
+            if isinstance(task, Summarize):
                 out["summary"] = task.summarize(finals)
                 runs.write_json(run_dir / runs.SUMMARY, out["summary"])
             return out

@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from titans_cli.errors import DataError
+from titans_cli.engine.errors import DataError
 
 ALPHABET = "ACGTN"  # token ids 0..4, in this order; normalised sequences contain nothing else
 PAD_ID = len(ALPHABET)  # 5: right padding inside a batch; never a prediction target

@@ -1,14 +1,18 @@
-"""The Task protocol: what a task plugin supplies to the one training engine (`titans_cli.train`).
+"""The Task protocol: what a task plugin supplies to the one training engine (`titans_cli.engine.train`).
 
 A task owns its data, its input embedding and head, its loss, its metrics and its predictions; the backbone
-(`titans_cli.model.Titans`) never knows which task it serves. This file holds the interface only.
+(`titans_cli.backbone.model.Titans`) never knows which task it serves. This file holds the interface only: the
+engine receives a `Task` (`train.run`) or a `TaskLookup` (`checkpoint.load_run`, `evaluate.evaluate_run`) from its
+caller and never imports the `tasks` package (tests/test_layers.py). The optional hooks are their own protocols,
+`SubRuns`, `Summarize` and `EvalReport`; the engine tests for them with `isinstance`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -56,4 +60,37 @@ class Task(Protocol):
 
         Must contain `primary_metric` as a float; other values must be JSON-serialisable.
         """
+        ...
+
+
+TaskLookup = Callable[[str], Task]  # a task name -> its Task (`tasks.get_task`; raises UsageError if unknown)
+
+
+@runtime_checkable
+class SubRuns(Protocol):
+    """Optional: a task whose one config trains several models (forecast: one per horizon) into sub-runs."""
+
+    def sub_runs(self, cfg: Any) -> list[tuple[str, Any]]:
+        """(sub-directory name, its config) per model; an empty list trains one model in the run directory."""
+        ...
+
+
+@runtime_checkable
+class Summarize(Protocol):
+    """Optional: the summary of a run's sub-runs (training writes it to summary.json; `titans eval` prints it)."""
+
+    def summarize(self, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """`results`: each sub-run's metrics (training) or `eval_report` (evaluation), keyed by its name."""
+        ...
+
+
+@runtime_checkable
+class EvalReport(Protocol):
+    """Optional: `titans eval`'s full report on one split, in place of `Task.evaluate` on it (`--opt KEY=VALUE`
+    options arrive as keyword arguments)."""
+
+    def eval_report(
+        self, loaded: Any, split: str = "test", data_dir: Path | None = None, **opts: Any
+    ) -> dict[str, Any]:
+        """`loaded` is the `checkpoint.LoadedRun`; returns JSON-able metrics."""
         ...

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from titans_cli.errors import UsageError
+from titans_cli.engine.errors import UsageError
 
 
 def resolve_device(name: str) -> torch.device:

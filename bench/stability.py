@@ -14,6 +14,7 @@ columns, z-scored on the first 60%), `dna` (the bundled promoter sequences, conc
     python bench/stability.py [--variants lmm,mac,mag,mal] [--chunks 16,64] [--inputs repeat,filler,...]
                               [--steps 300] [--stream 65536] [--long-stream 1000000] [--set model.key=value ...]
                               [--threads 1] [--quick]
+    python bench/stability.py --table rows.jsonl ...   # the rows as a Markdown table
 """
 
 from __future__ import annotations
@@ -187,6 +188,21 @@ def stream_norms(model: Probe, name: str, n: int, seed: int, bound: float, piece
             "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """One Markdown row per case: settings, training loss, and the largest weight norm / output RMS streamed."""
+    head = ("| variant | chunk | input | settings | ok | train steps | last loss | max ‖M‖ (trained gates) "
+            "| max out RMS | max ‖M‖ (worst gates) | tokens |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        s, w, t = r["stream"], r["worst_gates"], r["train"]
+        sets = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults"
+        worst = w.get("max_weight_norm") if w.get("finite") else f"non-finite at {w.get('tokens')}"
+        lines.append(f"| {r['variant']} | {r['chunk']} | {r['input']} | {sets} | {'yes' if r['ok'] else '**no**'} "
+                     f"| {t['steps']} | {t['last_loss']:.3g} | {s.get('max_weight_norm')} | {s.get('max_out_rms')} "
+                     f"| {worst} | {s.get('tokens')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def parse_sets(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -217,7 +233,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="20 steps, 4k tokens streamed (a smoke run)")
+    ap.add_argument("--table", type=Path, nargs="+", help="print the JSON lines of these files as a Markdown table")
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table([json.loads(line) for path in args.table for line in path.read_text().splitlines()]))
+        return
     torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.stream, args.long_stream = 20, 4096, 0

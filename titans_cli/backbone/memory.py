@@ -46,7 +46,7 @@ class CausalDepthwiseConv(nn.Module):
 
 
 def key_overlap(k: Tensor, carried: Tensor | None, position: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Causal key overlap of every token with the earlier tokens of its chunk, r_j = Σ_{i ≤ j} (k_i·k_j)².
+    """Causal key overlap of every token with the earlier tokens of its chunk, r_j = Σ_{i ≤ j} |k_i·k_j|.
 
     The chunked update takes all gradients of a chunk at its start, so b tokens with one key add up to one step b
     times as large, which overshoots; dividing θ_j by r_j lets coinciding keys share one step while distinct keys
@@ -67,7 +67,7 @@ def key_overlap(k: Tensor, carried: Tensor | None, position: int, chunk_size: in
         kk = torch.cat([carried.to(kk.dtype), kk], dim=2)
     n = kk.shape[2]
     chunks = F.pad(kk, (0, 0, 0, (-n) % b)).unflatten(2, (-1, b))  # [B, H, n_chunks, b, D]; zero keys add 0
-    overlap = (chunks @ chunks.transpose(-1, -2)).square().tril().sum(-1).flatten(2)
+    overlap = (chunks @ chunks.transpose(-1, -2)).abs().tril().sum(-1).flatten(2)
     start = n - T
     end = (position + T) % b
     return overlap[:, :, start : start + T].clamp(min=1.0), kk[:, :, n - end :].to(k.dtype)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +23,8 @@ import polars as pl
 from data_recipes import fasta as fasta_recipe
 from data_recipes import fasta_bed, genomic_benchmarks, gue
 from titans_cli.engine.errors import DataError, UsageError
-from titans_cli.engine.sequence import ALPHABET, IUPAC_AMBIGUOUS, Anchor, first_bad, sha256_file
+from titans_cli.engine.runs import atomic_write, atomic_write_text, sha256_file
+from titans_cli.engine.sequence import ALPHABET, IUPAC_AMBIGUOUS, Anchor, first_bad
 
 FORMAT = "titans-dna/1"
 SPLITS = ("train", "val", "test")
@@ -209,20 +209,6 @@ def cross_duplicates(splits: dict[str, pl.DataFrame]) -> dict[str, int]:
     return out
 
 
-def write_atomic_parquet(df: pl.DataFrame, path: Path) -> None:
-    """Write Parquet through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.write_parquet(tmp)
-    os.replace(tmp, path)
-
-
-def write_atomic_text(text: str, path: Path) -> None:
-    """Write a text file through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _inputs(opts: DnaPrepareOptions, kind: str) -> list[dict[str, Any]]:
     """Provenance: sha256 of every input file; a GenomicBenchmarks folder gets one digest of its files'."""
     if kind == "genomic_benchmarks":
@@ -284,7 +270,7 @@ def prepare(opts: DnaPrepareOptions, out_dir: Path) -> dict[str, Any]:
         if name not in splits and (out_dir / f"{name}.parquet").exists():
             (out_dir / f"{name}.parquet").unlink()
     for name, df in splits.items():
-        write_atomic_parquet(df, out_dir / f"{name}.parquet")
+        atomic_write(out_dir / f"{name}.parquet", df.write_parquet)
     manifest = {
         "format": FORMAT,
         "recipe": "dna",
@@ -297,5 +283,37 @@ def prepare(opts: DnaPrepareOptions, out_dir: Path) -> dict[str, Any]:
         "inputs": _inputs(opts, kind),
         "options": json.loads(json.dumps(asdict(opts), default=str)),
     }
-    write_atomic_text(json.dumps(manifest, indent=2) + "\n", out_dir / "manifest.json")
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def read_sequences(
+    input_path: Path | None,
+    fasta: Path | None,
+    bed: list[str],
+    label_regex: str | None,
+    length: int | None,
+    crop: str,
+) -> pl.DataFrame:
+    """`titans classify`'s input: rows (id, sequence, label, chrom, start, end, strand) of a FASTA, a CSV/TSV, or
+    FASTA + BED regions, normalised and strand-corrected; labels as strings (null where unknown)."""
+    if bed:
+        if fasta is None or input_path is not None:
+            raise UsageError("BED input is --fasta REF --bed REGIONS (without --input)")
+        specs = [fasta_bed.parse_bed_spec(b) for b in bed]
+        rows, _ = fasta_bed.read_regions(
+            fasta, specs, None, length, crop, skip_invalid=False, require_label=False, skip_hint=False
+        )
+    elif input_path is not None:
+        if fasta is not None:
+            raise UsageError("--fasta is the reference for --bed; pass a FASTA of sequences as --input")
+        if input_path.suffix.lower() in fasta_recipe.FASTA_SUFFIXES:
+            rows = fasta_recipe.read_labelled_fasta(input_path, label_regex, require_label=False)
+        else:
+            rows = gue.read_table(input_path, require_label=False)
+    else:
+        raise UsageError("give --input FILE (FASTA, CSV or TSV) or --fasta REF --bed REGIONS")
+    if rows.height == 0:
+        raise UsageError("the input holds no sequences")
+    rows, _ = normalize_rows(rows)
+    return rows.drop("where").with_columns(pl.col("label").cast(pl.String))

@@ -14,6 +14,8 @@ import polars as pl
 from titans_cli.engine.errors import DataError, UsageError
 from titans_cli.engine.sequence import read_fasta
 
+FASTA_SUFFIXES = {".fa", ".fasta", ".fna", ".fas"}  # an input file read as FASTA rather than a table
+
 
 def compile_label_regex(pattern: str) -> re.Pattern[str]:
     """Compile `--label-regex`, turning a syntax error into a usage error."""

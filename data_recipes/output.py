@@ -9,18 +9,36 @@ longer evaluate against the same rows; a non-empty directory of anything else is
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from titans_cli.engine.errors import UsageError
+from titans_cli.engine.errors import DataError, UsageError
 from titans_cli.engine.runs import check_output_path, current_umask, first_missing
 
 MANIFEST = "manifest.json"
 # What a prepared set holds: the manifest and Parquet splits. Anything else in DIR is the user's.
 _OURS = (".parquet", ".json")
+
+
+def read_manifest(data_dir: Path, recipe: str, prepare: str) -> dict[str, Any]:
+    """`data_dir/manifest.json` of a set that `recipe` prepared; a `DataError` names the file and says how to make
+    one (`prepare`, the command) when it is missing, is not JSON, or comes from another recipe."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: missing; prepare the data with `{prepare}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON ({err}); prepare the data again") from None
+    if not isinstance(manifest, dict) or manifest.get("recipe") != recipe:
+        got = manifest.get("recipe") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: recipe {got!r}, not {recipe!r}; use the matching --task or `{prepare}`")
+    return manifest
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

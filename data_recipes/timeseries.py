@@ -9,10 +9,7 @@ borders, so the splits do not depend on the lookback.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,9 +17,9 @@ from typing import Any, Literal
 
 import polars as pl
 
+from data_recipes import output
 from titans_cli.engine.errors import DataError, UsageError
-from titans_cli.engine.runs import write_json
-from titans_cli.engine.sequence import sha256_file
+from titans_cli.engine.runs import atomic_write, sha256_file, write_json
 
 Fill = Literal["error", "forward", "interpolate"]
 Features = Literal["M", "S", "MS"]
@@ -36,7 +33,7 @@ ETT_MINUTE_BORDERS = tuple(4 * b for b in ETT_HOURLY_BORDERS)  # 34560, 46080, 5
 DEFAULT_RATIOS = (0.7, 0.1, 0.2)  # TSLib `Dataset_Custom`: int(0.7 N) train, int(0.2 N) test, rest val
 
 SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.json"
+MANIFEST = output.MANIFEST
 
 # Calendar steps that a fixed duration cannot express (months vary in length).
 _CALENDAR_FREQS = ("1mo", "3mo", "1y")
@@ -326,17 +323,6 @@ def fit_scaler(frame: pl.DataFrame, channels: list[str], rows: list[int]) -> dic
     return {"kind": "standard", "fit_rows": list(rows), "mean": mean, "std": std, "constant": constant}
 
 
-def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.write_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def select_features(channels: list[str], features: Features, target: str | None, path: Path) -> tuple:
     """Input and target channels for M (all → all), S (target → target) and MS (all → target)."""
     target = target or channels[-1]
@@ -398,7 +384,7 @@ def prepare(
     dates = frame[series.date_col]
     for name in SPLITS:
         start, end = borders[name]
-        _write_parquet(frame.slice(start, end - start), out_dir / f"{name}.parquet")
+        atomic_write(out_dir / f"{name}.parquet", frame.slice(start, end - start).write_parquet)
     manifest = {
         "recipe": "timeseries",
         "version": 1,
@@ -434,16 +420,7 @@ def prepare(
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:
     """Load `manifest.json` from a prepared folder; a `DataError` says how to create one."""
-    path = Path(data_dir) / MANIFEST
-    if not path.exists():
-        raise DataError(f"{path}: not found; run `titans prepare timeseries --input FILE --out {data_dir}` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err}); prepare the data again") from err
-    if manifest.get("recipe") != "timeseries":
-        raise DataError(f"{path}: recipe {manifest.get('recipe')!r} is not a time-series manifest")
-    return manifest
+    return output.read_manifest(data_dir, "timeseries", f"titans prepare timeseries --input FILE --out {data_dir}")
 
 
 def load_splits(data_dir: Path, manifest: dict[str, Any]) -> dict[str, pl.DataFrame]:

@@ -10,7 +10,6 @@ one-vs-rest), the confusion matrix, and in `eval_report` a per-class report and 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from data_recipes import output
 from tasks.dna_models import GenomicBenchmarksCNN, TitansClassifier, rc_tokens
 from titans_cli.engine.config import check_fields
 from titans_cli.engine.errors import DataError, UsageError
@@ -93,13 +93,8 @@ def read_split(data_dir: Path, split: str, classes: list[str]) -> tuple[list[str
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; prepare the data with `titans prepare dna`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("recipe") != "dna":
-        raise DataError(f"{path}: not a DNA dataset (recipe {manifest.get('recipe')!r}); use `titans prepare dna`")
-    return manifest
+    """The manifest of a `titans prepare dna` folder (also read by dna-lm for its fine-tuning sets)."""
+    return output.read_manifest(data_dir, "dna", "titans prepare dna")
 
 
 def auto_class_weights(counts: list[int]) -> list[float]:
@@ -291,6 +286,35 @@ def predict_sequences(
         probs[[rows[i] for i in idx]] = p
     cropped = sum(len(s) > model.input_len for s in sequences) if isinstance(model, GenomicBenchmarksCNN) else 0
     return probs, cropped
+
+
+def classify_rows(
+    loaded: Any, rows: pl.DataFrame, batch_size: int = 64, rc_tta: str | None = None
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """`titans classify`: the output table of `rows` (from `data_recipes.dna.read_sequences`) and a summary.
+
+    The table (conventions §13): `id`, then `chrom start end strand` for BED input, `label` when the input has
+    one, `pred` and one `prob_<class>` column per class, rows in input order. The summary counts the sequences,
+    the predicted classes, those read through the memory in pieces (`streamed`, longer than `piece_len`) and those
+    the CNN cropped.
+    """
+    classes = loaded.meta["classes"]
+    seqs = rows["sequence"].to_list()
+    piece = getattr(loaded.model, "piece_len", 0)
+    long = sum(len(s) > piece for s in seqs) if piece else 0
+    probs, cropped = predict_sequences(loaded, seqs, batch_size, rc_tta)
+    keep = ["id"]
+    if "chrom" in rows.columns:  # BED input
+        keep += ["chrom", "start", "end", "strand"]
+    if rows["label"].null_count() < rows.height:
+        keep.append("label")
+    table = rows.select(keep).with_columns(
+        pl.Series("pred", [classes[i] for i in probs.argmax(1)]),
+        *(pl.Series(f"prob_{c}", probs[:, i]) for i, c in enumerate(classes)),
+    )
+    counts = {c: int((probs.argmax(1) == i).sum()) for i, c in enumerate(classes)}
+    summary = {"sequences": len(seqs), "predicted": counts, "streamed": long, "cropped": cropped, "piece_len": piece}
+    return table, summary
 
 
 TASK = DnaTask()

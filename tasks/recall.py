@@ -9,7 +9,6 @@ depend on batch size or order.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from data_recipes import output
 from data_recipes.recall import IGNORE, RECIPE, SPLITS
 from titans_cli.engine.config import ModelConfig, RunConfig
 from titans_cli.engine.errors import DataError
@@ -72,7 +72,7 @@ class RecallTask:
 
     def load(self, cfg: RunConfig, data_dir: Path) -> TaskData:
         """Read the three Parquet splits written by `titans prepare recall` and validate them."""
-        manifest = _read_manifest(data_dir)
+        manifest = output.read_manifest(data_dir, RECIPE, f"titans prepare recall --out {data_dir}")
         seq_len = int(manifest["params"]["seq_len"])
         n_tokens = int(manifest["tokens"]["n_tokens"])
         splits = {split: _read_split(data_dir, manifest, split, seq_len, n_tokens) for split in SPLITS}
@@ -130,19 +130,6 @@ def _answer_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     hidden = model(batch["tokens"])
     mask = batch["targets"].ne(IGNORE)
     return model.head(hidden[mask]), batch["targets"][mask]
-
-
-def _read_manifest(data_dir: Path) -> dict[str, Any]:
-    path = data_dir / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; create the data with `titans prepare recall --out {data_dir}`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON ({err})") from None
-    if manifest.get("recipe") != RECIPE:
-        raise DataError(f"{path}: recipe is {manifest.get('recipe')!r}, not 'recall'; use the matching --task")
-    return manifest
 
 
 def _read_split(data_dir: Path, manifest: dict[str, Any], split: str, seq_len: int, n_tokens: int) -> RecallSplit:

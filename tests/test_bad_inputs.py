@@ -423,7 +423,7 @@ def test_bad_input(w, args, code, text, absent):
     if ("cuda" in args or "cuda:7" in args) and torch.cuda.device_count() > 7 * ("cuda:7" in args):
         pytest.skip("this machine has that CUDA device")
     if "triton" in args and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")):
-        pytest.skip("triton runs here (a GPU, or the interpreter that tests/ops/test_triton.py switched on)")
+        pytest.skip("triton runs here (a GPU, or the interpreter that tests/conftest.py switches on)")
     cwd = Path.cwd()
     os.chdir(w["root"])  # relative outputs (fc.csv, new) land in the watched directory
     try:

@@ -13,7 +13,8 @@ import pytest
 
 from data_recipes.dna import DnaPrepareOptions, prepare, stratified_split
 from titans_cli.engine.errors import DataError, UsageError
-from titans_cli.engine.sequence import reverse_complement, sha256_file
+from titans_cli.engine.runs import sha256_file
+from titans_cli.engine.sequence import reverse_complement
 
 FIX = Path(__file__).parents[1] / "fixtures" / "dna"
 GUE = FIX / "gue"

@@ -169,7 +169,7 @@ def test_too_few_rows_and_other_input_errors(tmp_path):
     ts.prepare(src, tmp_path / "ok", lookback=4, horizon=2)
     with pytest.raises(UsageError, match="already holds prepared data; pass --overwrite"):
         ts.prepare(src, tmp_path / "ok", lookback=4, horizon=2)
-    with pytest.raises(DataError, match="manifest.json: not found; run `titans prepare timeseries"):
+    with pytest.raises(DataError, match="manifest.json: missing; prepare the data with `titans prepare timeseries"):
         ts.read_manifest(tmp_path)
 
 

@@ -20,7 +20,8 @@ KERNELS: tuple[str, ...] = typing.get_args(Kernel)
 
 
 class ConfigError(ValueError):
-    """A `[model]` value out of range; the message names `model.field`, the rule and the value."""
+    """A `[model]` value out of range, or one that cannot run here (`kernel="triton"` without CUDA); the message
+    names the field or the kernel. The CLI prints it as a usage error (exit code 2)."""
 
 
 def check_fields(

@@ -12,11 +12,13 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
-from titans_cli.engine.errors import TitansError
+from titans_cli.backbone.config import ConfigError
+from titans_cli.engine.errors import TitansError, UsageError
 from titans_cli.engine.runs import json_safe
 
 P = ParamSpec("P")
@@ -52,6 +54,8 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise  # Typer's own control flow and usage errors: it prints them and picks the exit code
         except TitansError as err:
             _fail(str(err), err.exit_code, debug)
+        except ConfigError as err:  # the backbone's ValueError for a [model] setting that cannot work (a usage error)
+            _fail(str(err), UsageError.exit_code, debug)
         except KeyboardInterrupt:
             _fail("interrupted", 130, debug)
         except Exception as err:  # noqa: BLE001 - last resort: one line instead of a traceback
@@ -68,6 +72,26 @@ def _fail(message: str, code: int, debug: bool, hint: bool = False) -> None:
     suffix = " (run with --debug for the traceback)" if hint and not debug else ""
     print(f"error: {first_line}{suffix}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+# A plain str option checked here, not a Literal: typer's own error for a bad Literal is a multi-line usage
+# message before the command runs, and every error of titans is one line (conventions §5).
+def choice(value: str, options: tuple[str, ...], flag: str) -> str:
+    """`value` if it is one of `options`, else a `UsageError` naming the flag and the choices."""
+    if value not in options:
+        raise UsageError(f"{flag} {value!r}: choose one of {', '.join(options)}")
+    return value
+
+
+# The command that serves each task's runs, for the hint when a run of another task is given.
+COMMAND_FOR = {"dna": "titans classify", "forecast": "titans forecast"}  # other tasks: titans eval
+
+
+def require_task(got: str, want: str, run: Path, command: str) -> None:
+    """A `UsageError` unless the run's task `got` is `want`, naming the command that serves `got`."""
+    if got != want:
+        hint = COMMAND_FOR.get(got, "titans eval")
+        raise UsageError(f"--run {run}: a {got!r} run, not a {want} run: {command} needs a {want} run (use `{hint}`)")
 
 
 def log(message: str, quiet: bool = False) -> None:

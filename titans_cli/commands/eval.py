@@ -32,7 +32,7 @@ def eval_command(
 
     Example: titans eval --run runs/recall-mac --json
     """
-    from tasks import get_task
+    from tasks import get_task, report_format
     from titans_cli.engine.evaluate import evaluate_run
 
     opts: dict[str, str] = {}
@@ -47,10 +47,5 @@ def eval_command(
         run, split=split, data_dir=data, which=checkpoint, device=device, batch_size=batch_size, opts=opts,
         get_task=get_task,
     )
-    human = None
     first = next(iter(result.get("sub_runs", {}).values()), result)
-    if first.get("task") == "forecast":  # forecast (Engineer B): readable tables instead of key: value lines
-        from tasks.forecast_output import format_report
-
-        human = format_report
-    emit_result(result, json_out, human)
+    emit_result(result, json_out, report_format(str(first.get("task", ""))))

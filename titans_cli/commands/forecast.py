@@ -11,17 +11,12 @@ from typing import Annotated
 
 import typer
 
-from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result, log
-from titans_cli.commands.prepare_timeseries import choice
+from titans_cli.commands.common import Debug, JsonOut, Quiet, choice, emit_result, log, require_task
 from titans_cli.engine.errors import DataError, UsageError
 from titans_cli.engine.runs import check_output_file, removed_on_failure
 
 # What matplotlib's savefig writes by file name (the formats of its Agg backend used here).
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
-
-# The command that serves each task's checkpoints, for a one-line hint on a mismatch.
-_COMMAND_FOR = {"dna": "titans classify", "dna-lm": "titans eval", "recall": "titans eval"}
-
 
 def forecast(
     run: Annotated[Path, typer.Option(help="A forecast run directory (or one of its .pt checkpoints).")],
@@ -61,9 +56,7 @@ def forecast(
     if not input_path.is_file():
         raise DataError(f"--input {input_path}: file not found")
     loaded = load_run(run, which=checkpoint, device=resolve_device(device), get_task=get_task)
-    if loaded.task.name != "forecast":
-        hint = _COMMAND_FOR.get(loaded.task.name, "titans eval")
-        raise UsageError(f"--run {run}: a {loaded.task.name!r} run, not a forecast run; use `{hint}`")
+    require_task(loaded.task.name, "forecast", run, "forecast")
     table, history = forecast_file(loaded, input_path, context)  # type: ignore[arg-type]
     # Both files or neither: the plot is drawn to a staged name first, the table written, then the plot renamed.
     staged = plot.with_name(f".{plot.stem}.staged{plot.suffix}") if plot is not None else None

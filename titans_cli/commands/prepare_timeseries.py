@@ -10,15 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result, log
-from titans_cli.engine.errors import UsageError
-
-
-def choice(value: str, options: tuple[str, ...], flag: str) -> str:
-    """`value` if it is one of `options`, else a `UsageError` naming the flag and the choices."""
-    if value not in options:
-        raise UsageError(f"{flag} {value!r}: choose one of {', '.join(options)}")
-    return value
+from titans_cli.commands.common import Debug, JsonOut, Quiet, choice, emit_result, log
 
 
 def timeseries(

@@ -1,4 +1,4 @@
-"""`titans train`: resolve the run config (flags > --set > --config > --preset > defaults) and run the loop."""
+"""`titans train`: parse, resolve the run config (`tasks.resolve.resolve_train`), run the loop, print."""
 
 from __future__ import annotations
 
@@ -8,7 +8,28 @@ from typing import Annotated
 import typer
 
 from titans_cli.commands.common import Debug, JsonOut, Quiet, emit_result
-from titans_cli.engine.errors import UsageError
+
+# The options that set one config field each: parameter -> section.key; the flag is --parameter-with-dashes.
+FIELDS = {
+    "task": "run.task",
+    "data": "run.data",
+    "name": "run.name",
+    "variant": "model.variant",
+    "kernel": "model.kernel",
+    "model": "task.model",
+    "lookback": "task.lookback",
+    "horizon": "task.horizon",
+    "rc_aug": "task.rc_aug",
+    "init_from": "train.init_from",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "patience": "train.patience",
+    "seed": "train.seed",
+    "device": "train.device",
+    "precision": "train.precision",
+}
 
 
 def train(
@@ -61,73 +82,18 @@ def train(
     Example: titans train --task recall --data data/recall-1k --out runs/recall-mac --variant mac --epochs 4
     """
     from tasks import get_task
-    from tasks.presets import PRESETS, TASK_DEFAULTS
-    from titans_cli.engine.config import check_resume_changes, dumps_toml, load_config, loads_config
-    from titans_cli.engine.runs import CONFIG, absolute_paths, default_run_name, is_run_dir
+    from tasks.resolve import resolve_train
+    from titans_cli.engine.config import dumps_toml
     from titans_cli.engine.train import run
 
-    given = {
-        "run.task": ("--task", task),
-        "run.data": ("--data", data),
-        "run.name": ("--name", name),
-        "model.variant": ("--variant", variant),
-        "model.kernel": ("--kernel", kernel),
-        "task.model": ("--model", model),
-        "task.lookback": ("--lookback", lookback),
-        "task.horizon": ("--horizon", horizon),
-        "task.rc_aug": ("--rc-aug", rc_aug),
-        "train.init_from": ("--init-from", init_from),
-        "train.epochs": ("--epochs", epochs),
-        "train.max_steps": ("--max-steps", max_steps),
-        "train.batch_size": ("--batch-size", batch_size),
-        "train.lr": ("--lr", lr),
-        "train.patience": ("--patience", patience),
-        "train.seed": ("--seed", seed),
-        "train.device": ("--device", device),
-        "train.precision": ("--precision", precision),
-    }
+    values = locals()
     # Paths given on the command line are stored absolute, so the run works from any directory (eval, resume).
-    flags = {k: (f, str(v.absolute()) if isinstance(v, Path) else v) for k, (f, v) in given.items() if v is not None}
-
-    def resolve(task_name: str) -> type:
-        return get_task(task_name).config_cls
-
-    if resume is not None:
-        if out is not None and out.resolve() != resume.resolve():
-            raise UsageError("--resume continues RUN in place; drop --out")
-        if config is not None or preset is not None:
-            raise UsageError("--resume uses the run's saved config.toml; drop --config and --preset")
-        saved = resume / CONFIG
-        if not saved.is_file():
-            raise UsageError(f"--resume {resume}: no {CONFIG}; is it a titans run directory?")
-        cfg = load_config(resolve_task=resolve, config_file=saved, sets=set_ or [], flags=flags)
-        check_resume_changes(loads_config(saved.read_text(), resolve, str(saved)), cfg)
-        run_dir = resume
-    else:
-        if preset is not None and preset not in PRESETS:
-            raise UsageError(f"--preset {preset!r}: unknown; choose one of {', '.join(PRESETS)}")
-        preset_cfg = PRESETS[preset]() if preset else None
-        cfg = load_config(
-            resolve_task=resolve,
-            config_file=config,
-            preset=preset_cfg,
-            preset_name=preset or "",
-            sets=set_ or [],
-            flags=flags,
-        )
-        if preset is None and cfg.run.task in TASK_DEFAULTS:
-            # No preset: the task's own recipe is the lowest layer instead of the bare dataclass defaults.
-            cfg = load_config(
-                resolve_task=resolve,
-                config_file=config,
-                preset=TASK_DEFAULTS[cfg.run.task](),
-                preset_name=f"the defaults of --task {cfg.run.task}",
-                sets=set_ or [],
-                flags=flags,
-            )
-        # Relative paths in a run's own config.toml are relative to that run (as everywhere inside a run).
-        cfg = absolute_paths(cfg, config.parent if config is not None and is_run_dir(config.parent) else Path.cwd())
-        run_dir = out or Path("runs") / (cfg.run.name or default_run_name(cfg.run.task, cfg.model.variant))
+    flags = {
+        path: (f"--{param.replace('_', '-')}", str(v.absolute()) if isinstance(v, Path) else v)
+        for param, path in FIELDS.items()
+        if (v := values[param]) is not None
+    }
+    cfg, run_dir = resolve_train(flags=flags, config=config, preset=preset, sets=set_ or [], resume=resume, out=out)
     if print_config:
         typer.echo(dumps_toml(cfg), nl=False)
         return

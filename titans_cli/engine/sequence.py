@@ -256,12 +256,3 @@ def check_chromosomes(names: Collection[str], available: Collection[str], source
         hint = "the FASTA has no 'chr' prefix: strip it from the BED (sed 's/^chr//' in.bed > out.bed)"
     example = ", ".join(sorted(have)[:3])
     raise DataError(f"{source}: chromosome names not in {fasta}: {shown} (FASTA has e.g. {example}); {hint}")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes (recorded in manifests for provenance)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -6,15 +6,15 @@
     triton.py  triton_memory_update         kernel "triton": the fused Triton kernel (needs triton and CUDA)
 
 `memory_update(..., kernel=...)` runs `<kernel>_memory_update`, picked by argument, never by a global or an
-environment variable; "auto" is triton on CUDA when it imports and supports the shapes, else torch. A kernel that
-cannot run raises `ValueError` (the CLI prints it as its one-line error).
+environment variable; "auto" is triton on CUDA when it imports and supports the shapes, else torch. An unknown
+kernel, or one that cannot run, raises `ConfigError`, a `ValueError` (the CLI prints it as its one-line usage error).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from titans_cli.backbone.config import KERNELS, Kernel
+from titans_cli.backbone.config import KERNELS, ConfigError, Kernel
 from titans_cli.backbone.ops.memory_update.chunk import torch_memory_update
 from titans_cli.backbone.ops.memory_update.naive import naive_chunk_memory_update, naive_memory_update
 from titans_cli.backbone.ops.memory_update.state import MemoryState
@@ -49,7 +49,7 @@ def memory_update(
     """Write k→v into the memory and read it with q; see `torch_memory_update` for shapes, `clip` and
     `checkpoint_chunks` (the torch path's activation checkpointing; the other paths ignore it)."""
     if kernel not in KERNELS:
-        raise ValueError(f"model.kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
+        raise ConfigError(f"model.kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "naive":
         fn = naive_memory_update
     elif kernel == "torch" or (kernel == "auto" and not q.is_cuda):
@@ -60,7 +60,7 @@ def memory_update(
         if reason is None:
             from titans_cli.backbone.ops.memory_update.triton import triton_memory_update as fn
         elif kernel == "triton":
-            raise ValueError(f"kernel='triton' cannot run here: {reason}; use 'torch' or 'auto'")
+            raise ConfigError(f"kernel='triton' cannot run here: {reason}; use 'torch' or 'auto'")
         else:
             fn = torch_memory_update
         # --- end Triton selection ---

@@ -379,7 +379,16 @@ class TitansState:
 
 
 class Titans(nn.Module):
-    """Task-agnostic Titans backbone: `y, state = Titans(cfg)(x, state=None)`, x and y `[B, T, dim]`."""
+    """Task-agnostic Titans backbone: `y, state = Titans(cfg)(x, state=None)`, x and y `[B, T, dim]`.
+
+    `cfg` is a `ModelConfig` (the `[model]` section: variant lmm, mac, mag, mal or attn, width, layers, memory
+    settings). A task adds its own embedding and head around it (tasks/).
+
+    Example:
+        >>> model = Titans(ModelConfig(variant="mac", dim=64, heads=4, n_layers=2))
+        >>> y, state = model(torch.randn(2, 256, 64))       # y [2, 256, 64]
+        >>> y2, state = model(torch.randn(2, 64, 64), state)  # continues the same sequences
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -46,8 +46,17 @@ def memory_update(
     clip: float = 0.0,
     checkpoint_chunks: int = 0,
 ) -> tuple[Tensor, MemoryState]:
-    """Write k→v into the memory and read it with q; see `torch_memory_update` for shapes, `clip` and
-    `checkpoint_chunks` (the torch path's activation checkpointing; the other paths ignore it)."""
+    """Write k→v into the memory and read it with q, with the kernel `kernel` names.
+
+    Args:
+        q, k, v: `[B, H, T, D]` (q and k unit-norm). alpha, eta, theta: `[B, H, T]` gates α_t, η_t, θ_t.
+        state: the incoming `MemoryState` (`MemoryState.initial(init_weights, batch)` for fresh sequences).
+        chunk_size: b; activation and read as in `NeuralMemory`; clip: the inner clamp c (0: off).
+        kernel: "naive", "torch", "triton" or "auto" (module docstring).
+        checkpoint_chunks: the torch kernel's activation checkpointing (the other kernels ignore it).
+    Returns:
+        y `[B, H, T, D]` and the state after the last token; see `torch_memory_update` for the details.
+    """
     if kernel not in KERNELS:
         raise ConfigError(f"model.kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "naive":

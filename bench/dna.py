@@ -1,4 +1,4 @@
-"""Benchmark (issue 4 §7): Titans and the GenomicBenchmarks CNN on GUE `prom_300_tata` in one run, JSON lines.
+"""Benchmark: Titans and the GenomicBenchmarks CNN on GUE `prom_300_tata` in one run, JSON lines.
 
 The given train/dev/test files (bundled in `data/GUE_prom_300_tata`) are prepared once; each model trains with
 early stopping on validation MCC and is scored on test from its best checkpoint. One line per model with test

@@ -70,7 +70,7 @@ DATASETS = {
     ),
 }
 
-# Test MSE / MAE averaged over the four horizons (spec §6.3, Table 3).
+# Test MSE / MAE averaged over the four horizons (docs/design.md §6.3, Table 3).
 PAPER = {
     "ETTh1": {"titans": (0.420, 0.421), "simba": (0.441, 0.432), "dlinear": (0.456, 0.452)},
     "ETTm1": {"titans": (0.358, 0.387), "simba": (0.383, 0.396), "dlinear": (0.403, 0.407)},

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of the Triton kernels, as one call on a lent CUDA machine (its own python3 with torch and triton):
 #   1. the environment (GPU, driver, torch, triton);
-#   2. bench/kernel.py: the memory layer (issue 5's configuration, bf16) and the update alone, JSON lines;
+#   2. bench/kernel.py: the memory layer (its default CUDA configuration, bf16) and the update alone, JSON lines;
 #   3. tests/ops/test_triton.py compiled on the GPU: the interpreter cases plus the `gpu`-marked real sizes, every
 #      measured error logged to errors.jsonl (tests/assertions.py, TITANS_ERROR_LOG).
 # Logs go to $OUT (the device tool's folder) or runs/gpu-check. Each step has its own time limit so the call ends

@@ -2,10 +2,10 @@
 
 Compares the Triton kernels (`kernel="triton"`: forward and backward kernels), the torch closed form
 (`kernel="torch"`) and, when the `bench` extra is installed, titans-pytorch's `NeuralMemory`, all as a whole memory
-layer (projections included) at the same configuration. Default (CUDA): issue 5's configuration, batch 4, dim 512,
+layer (projections included) at the same configuration. Default (CUDA): batch 4, dim 512,
 8 heads × 64, chunk 64, depth 2, bf16 autocast, sequence 4k/16k/64k.
 
-    python bench/kernel.py                     # CUDA, the issue's configuration
+    python bench/kernel.py                     # CUDA, the default configuration
     python bench/kernel.py --tiny              # CPU: Triton's interpreter at a tiny size, so this cannot rot
                                                # (the forward and backward kernels both run)
 """
@@ -115,7 +115,7 @@ def measure(fn: Callable[[Any], Any], x: Any, args: argparse.Namespace, device: 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=args.dtype == "bf16"):
             y = fn(x)
-        if not torch.isfinite(y).all():  # diverged inputs make timings meaningless (performance.md)
+        if not torch.isfinite(y).all():  # diverged inputs make timings meaningless (docs/performance.md)
             raise FloatingPointError("non-finite output")
         y.float().square().mean().backward()
 

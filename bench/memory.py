@@ -1,7 +1,7 @@
 """Benchmark the neural-memory layer: forward+backward tokens/s and peak RSS, one JSON line per configuration.
 
 Each configuration runs in its own subprocess so that peak RSS (ru_maxrss) belongs to that configuration alone.
-Configuration (issue 2 §7): batch 4, dim 256, 4 heads x 64, chunk 64, memory depth 2 (hidden 256), float32,
+Configuration: batch 4, dim 256, 4 heads x 64, chunk 64, memory depth 2 (hidden 256), float32,
 2 threads; sequence 1024, 4096, 16384. Compared in the same run: our chunked path (`torch`), the per-token
 reference (`naive`, short lengths only), titans-pytorch's `NeuralMemory` when installed (`pip install -e .[bench]`),
 and options bf16 autocast, torch.compile of the chunk step and, at the longer lengths, activation checkpointing
@@ -69,7 +69,7 @@ def run_one(cfg: dict) -> dict:
         import titans_cli.backbone.ops.memory_update as ops
         import titans_cli.backbone.ops.memory_update.naive as naive
 
-        # Experiment only (performance.md): torch.compile the per-chunk step with static shapes, not the chunk
+        # Experiment only (docs/performance.md): torch.compile the per-chunk step with static shapes, not the chunk
         # loop. Inductor needs a traceable step, so this row runs the plain autograd step (the readable reference
         # naive_chunk_memory_update) compiled in place of the torch kernel.
         naive.naive_chunk_step = torch.compile(naive.naive_chunk_step, dynamic=False)

@@ -1,4 +1,4 @@
-"""The recall claim (issue 2 §5): at 1024 tokens with an attention window of 64, memory variants recall, the
+"""The recall claim: at 1024 tokens with an attention window of 64, memory variants recall, the
 attention-only baseline of the same window stays at chance. Prints one JSON line per variant.
 
 Each variant runs the `titans` CLI in two stages (a curriculum; both stages' pairs sit more than the attention

@@ -1,4 +1,4 @@
-"""`titans prepare dna`: four kinds of DNA input → one output format (issue 4 §1, conventions §12).
+"""`titans prepare dna`: four kinds of DNA input → one output format (docs/conventions.md §12).
 
 Inputs (one reader module each): a table of sequences (`gue.py`), reference FASTA + BED (`fasta_bed.py`),
 a FASTA with labels in its headers (`fasta.py`), a GenomicBenchmarks folder (`genomic_benchmarks.py`).

@@ -1,7 +1,7 @@
 """FASTA with one sequence per record → raw DNA rows; the label comes from the header through a regex.
 
-`--label-regex 'label=(\\w+)'`: the named group `label`, else the first group, else the whole match (pitfall 20:
-never `int(header[-1])`). Output columns are those of `data_recipes.dna.RAW_COLUMNS`.
+`--label-regex 'label=(\\w+)'`: the named group `label`, else the first group, else the whole match
+(docs/conventions.md pitfall 20: never `int(header[-1])`). Output columns are those of `data_recipes.dna.RAW_COLUMNS`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reference FASTA + BED intervals → raw DNA rows, read through one pyfaidx handle (conventions §12).
+"""Reference FASTA + BED intervals → raw DNA rows, read through one pyfaidx handle (docs/conventions.md §12).
 
 BED is 0-based half-open (`chrom start end [name score strand ...]`), the same as pyfaidx slices, so no
 coordinate arithmetic happens here except `--length` resizing (`titans_cli.engine.sequence.resize_interval`).

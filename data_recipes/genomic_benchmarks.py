@@ -2,7 +2,7 @@
 
 `DIR/train/<class>/*.txt` and `DIR/test/<class>/*.txt`, one sequence per file, as the `genomic_benchmarks`
 package downloads them. The class is the folder name; the id is `<class>/<file stem>`. There is no validation
-split in this layout (pitfall 13): `data_recipes.dna` carves one out of train.
+split in this layout (docs/conventions.md pitfall 13): `data_recipes.dna` carves one out of train.
 """
 
 from __future__ import annotations

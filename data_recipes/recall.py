@@ -1,6 +1,6 @@
 """Synthetic multi-query associative recall (MQAR): key-value pairs early in a long sequence, queries at the end.
 
-The probe for what a long-term memory buys (issue 2 §5; the paper's needle-in-a-haystack, spec §8.1). Each
+The probe for what a long-term memory buys (the paper's needle-in-a-haystack, docs/design.md §8.1). Each
 sequence of `seq_len` tokens holds `pairs` adjacent (key, value) bigrams at random positions of a context
 region, filler tokens everywhere else, and `queries` (key, value) bigrams at the very end. The answer to a query
 is the value token that follows its key, predicted at the key's position. Every pair ends at least `min_gap`

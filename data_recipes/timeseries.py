@@ -3,7 +3,7 @@
 Output files in `--out DIR`: `train.parquet`, `val.parquet`, `test.parquet` (the date column and one Float64
 column per channel; disjoint rows, in file order) and `manifest.json` (columns, target, frequency, split
 borders, scaler statistics fitted on the training rows only, input sha256). Validation and test windows borrow
-their first `lookback` input rows from the preceding split (spec §6.2); the task rebuilds them from the
+their first `lookback` input rows from the preceding split (docs/design.md §6.2); the task rebuilds them from the
 borders, so the splits do not depend on the lookback.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job for DNA (issue 4 §6): prepare → train → classify → eval on the bundled GUE prom_300_tata
+# The main job for DNA: prepare → train → classify → eval on the bundled GUE prom_300_tata
 # (human TATA promoters, 300 bp; data/GUE_prom_300_tata/SOURCE.md) with a small Titans (LMM) classifier,
 # a few minutes on 2 CPU cores. EPOCHS=N trains longer (the benchmark preset trains up to 12 epochs).
 # TITANS="python -m titans_cli" runs from a checkout.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job (issue 3 §5): prepare → train → forecast → eval on the bundled ETTh1 with a small Titans (LMM)
+# The main job: prepare → train → forecast → eval on the bundled ETTh1 with a small Titans (LMM)
 # forecaster, a few minutes on 2 CPU cores. Ends with the metrics table; the forecast plot is $OUT/forecast.png.
 # Needs `pip install -e '.[plot]'` (matplotlib for the plot). TITANS="python -m titans_cli" runs from a checkout.
 set -euo pipefail

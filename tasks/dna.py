@@ -1,4 +1,4 @@
-"""Task `dna`: sequence classification on the output of `titans prepare dna` (issue 4 §2, spec §7).
+"""Task `dna`: sequence classification on the output of `titans prepare dna` (docs/design.md §7).
 
 Character tokens (A C G T N; `titans_cli.engine.sequence`), a Titans backbone (LMM by default, as in Table 4) with
 masked mean pooling and a linear head, or the GenomicBenchmarks CNN (`task.model = "cnn"`) through the same pipeline.
@@ -293,7 +293,7 @@ def classify_rows(
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """`titans classify`: the output table of `rows` (from `data_recipes.dna.read_sequences`) and a summary.
 
-    The table (conventions §13): `id`, then `chrom start end strand` for BED input, `label` when the input has
+    The table (docs/conventions.md §13): `id`, then `chrom start end strand` for BED input, `label` when the input has
     one, `pred` and one `prob_<class>` column per class, rows in input order. The summary counts the sequences,
     the predicted classes, those read through the memory in pieces (`streamed`, longer than `piece_len`) and those
     the CNN cropped.

@@ -1,4 +1,4 @@
-"""Task `dna-lm`: next-nucleotide pretraining (HyenaDNA-style, spec §7.1 and A13), reported in bits per base.
+"""Task `dna-lm`: next-nucleotide pretraining (HyenaDNA-style, docs/design.md §7.1 and A13), reported in bits per base.
 
 Corpus (`run.data`): a folder holding a reference FASTA (`task.fasta` names it when there are several), read in
 random windows of `task.length` bases through one pyfaidx handle per process; the last `task.val_frac` of every

@@ -1,5 +1,5 @@
-"""DNA classifiers: the Titans backbone with pooling and a linear head (spec §7, Table 4: "Neural Memory Module"),
-and the GenomicBenchmarks CNN baseline (Grešová et al. 2023), both reading character tokens (A C G T N, pad).
+"""DNA classifiers: the Titans backbone with pooling and a linear head (docs/design.md §7, Table 4: "Neural Memory
+Module"), and the GenomicBenchmarks CNN baseline (Grešová et al. 2023), both reading character tokens (A C G T N, pad).
 
 Batches are right-padded. The backbone is causal (causal convolutions, memory written left to right), so padding
 after a sequence never changes its outputs and masked pooling is exact: a prediction does not depend on the

@@ -1,4 +1,4 @@
-"""Task `forecast`: multivariate long-horizon forecasting on prepared time series (spec §6, Table 3).
+"""Task `forecast`: multivariate long-horizon forecasting on prepared time series (docs/design.md §6, Table 3).
 
 Windows slide with stride 1 over the splits of `titans prepare timeseries`; validation and test inputs borrow
 their first `lookback` rows from the preceding split; values are z-scored with the training statistics stored
@@ -34,11 +34,11 @@ class ForecastConfig:
 
     # titans, or a peer through the same splits, scaler, windows, early stopping and metrics (forecast_models)
     model: Literal["titans", "dlinear", "rlinear", "patchtst"] = "titans"
-    lookback: int = 96  # L (spec §6.2)
+    lookback: int = 96  # L (docs/design.md §6.2)
     horizon: tuple[int, ...] = (96,)  # H; several values train one model each plus their average (Table 3)
     # Titans defaults chosen on the validation average over ETTh1, ETTm1 and ILI (docs/forecasting.md): variate
     # tokens (the memory reads the channels, iTransformer-style), RevIN on, MAE loss.
-    layout: Literal["patch", "time", "variate"] = "variate"  # token layout of the Titans forecaster (A12)
+    layout: Literal["patch", "time", "variate"] = "variate"  # Titans forecaster's token layout (docs/design.md A12)
     patch_len: int = 16  # PatchTST's patch geometry (Titans layout "patch" and PatchTST)
     patch_stride: int = 8
     revin: bool = True  # Titans: reversible instance normalisation (the peers are built as published)
@@ -49,7 +49,7 @@ class ForecastConfig:
     loss: Literal["auto", "mse", "mae", "huber"] = "auto"
     moving_avg: int = 25  # DLinear's trend kernel
     # Rows of history before each window that the Titans memory reads first (training and evaluation; the
-    # first `context` training rows then only serve as history). 0: the window alone. Issue 10 §5.
+    # first `context` training rows then only serve as history). 0: the window alone.
     context: int = 0
     moving_avg: int = 25  # DLinear's trend kernel
 
@@ -113,7 +113,7 @@ class WindowDataset(Dataset):
 
 
 def scaler_tensors(scaler: dict[str, Any], columns: list[str]) -> tuple[Tensor, Tensor]:
-    """Mean and std (float64, [C]) of `columns`, looked up by name (pitfall 7)."""
+    """Mean and std (float64, [C]) of `columns`, looked up by name (docs/conventions.md pitfall 7)."""
     mean = torch.tensor([scaler["mean"][c] for c in columns], dtype=torch.float64)
     std = torch.tensor([scaler["std"][c] for c in columns], dtype=torch.float64)
     return mean, std

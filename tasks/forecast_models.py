@@ -1,4 +1,4 @@
-"""Forecasting models: the Titans forecaster (spec §6, Table 3; LMM by default) and three peers run through the
+"""Forecasting models: the Titans forecaster (docs/design.md §6; LMM by default) and three peers run through the
 same pipeline: DLinear (Zeng et al., AAAI 2023), RLinear (Li et al., 2023: RevIN + one linear map) and PatchTST
 (Nie et al., ICLR 2023: channel-independent patch transformer with RevIN).
 
@@ -6,10 +6,10 @@ All map z-scored inputs x [B, T, C] to forecasts [B, H, C]. T may exceed the loo
 forecaster then reads the earlier rows through the memory state in pieces (`backbone(x_piece, state)`) and its
 head reads only the hidden states of the final L rows, so a forecast can use a whole file of context
 (`titans forecast --context all`) with the parameters trained on L-row windows. Memory is reset per sample.
-Token layouts (A12): channel-independent patches (PatchTST-style; the memory reads one channel's patches in
-order), time-step tokens (one token per row, all channels embedded together) or variate tokens (iTransformer-
-style: one token per channel embedding its whole lookback, so the memory reads the channels). RevIN: Kim et al.,
-ICLR 2022. `skip` adds a linear map from the lookback to the horizon beside the backbone's head.
+Token layouts (docs/design.md A12): channel-independent patches (PatchTST-style; the memory reads one channel's
+patches in order), time-step tokens (one token per row, all channels embedded together) or variate tokens
+(iTransformer-style: one token per channel embedding its whole lookback, so the memory reads the channels). RevIN:
+Kim et al., ICLR 2022. `skip` adds a linear map from the lookback to the horizon beside the backbone's head.
 """
 
 from __future__ import annotations

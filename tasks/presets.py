@@ -74,9 +74,9 @@ def forecast_tiny() -> RunConfig:
 
 
 def _forecast_lmm() -> ModelConfig:
-    # A small LMM for 2 CPU cores; the paper gives no size for its forecaster (spec §6.1, A20). chunk_size 4 was
-    # chosen before the stable memory of issue 10 (chunks of 8 or 16 then diverged over a whole file of context);
-    # with variate tokens a sequence is only 4 persistent + C channel tokens long, so it costs little.
+    # A small LMM for 2 CPU cores; the paper gives no size for its forecaster (docs/design.md §6.1, A20).
+    # chunk_size 4 was chosen before the bounds of docs/design.md §12 (chunks of 8 or 16 then diverged over a whole
+    # file of context); with variate tokens a sequence is only 4 persistent + C channel tokens long: cheap.
     return ModelConfig(
         variant="lmm", dim=64, n_layers=2, heads=4, memory_expansion=2, chunk_size=4, n_persistent=4, ffn_mult=2
     )

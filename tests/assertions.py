@@ -1,4 +1,4 @@
-"""Tensor comparison that names the tensor and reports max-abs and relative-RMS error (style.md §7, example 2)."""
+"""Tensor comparison that names the tensor and reports max-abs and relative-RMS error."""
 
 from __future__ import annotations
 

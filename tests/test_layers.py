@@ -1,4 +1,4 @@
-"""The layers import one way: backbone ← engine ← tasks and data recipes ← commands (issue 13).
+"""The layers import one way: backbone ← engine ← tasks and data recipes ← commands.
 
 Every import of every module is read from its syntax tree, those inside functions included, so a lazy import
 cannot hide a cycle. The backbone (titans_cli/backbone/) needs torch and the standard library only.
@@ -82,6 +82,6 @@ def test_backbone_needs_torch_and_the_standard_library_only():
 
 
 def test_the_checker_sees_imports_inside_functions():
-    # The cycle issue 13 found hid in function bodies; the checker must read them.
+    # An import cycle once hid in function bodies; the checker must read them.
     module = ROOT / "titans_cli" / "engine" / "evaluate.py"
     assert "titans_cli.engine.checkpoint" in _imports(module)  # imported inside evaluate_run

@@ -57,7 +57,7 @@ def test_long_inputs_in_pieces_give_the_same_outputs_state_and_gradients():
 
 
 def test_memory_is_reset_per_sample():
-    """Predictions for a sequence do not depend on what else is in the batch (conventions pitfall 26)."""
+    """Predictions for a sequence do not depend on what else is in the batch (docs/conventions.md pitfall 26)."""
     mem = _memory()
     x = torch.randn(4, 11, 16, dtype=torch.float64)
     y_batch, _ = mem(x)
@@ -104,7 +104,7 @@ def test_one_optimizer_step_with_four_heads_updates_every_parameter():
 
 
 def test_long_sequence_stays_finite_at_initialisation():
-    """Default gates at chunk 64 over 4096 tokens: no divergence (spec §11 on NaNs in long sequences)."""
+    """Default gates at chunk 64 over 4096 tokens: no divergence (docs/design.md §11 on NaNs in long sequences)."""
     torch.manual_seed(0)
     mem = NeuralMemory(dim=64, heads=2, depth=2, chunk_size=64)
     with torch.no_grad():

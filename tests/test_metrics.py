@@ -38,7 +38,7 @@ def test_metrics_do_not_depend_on_batch_size():
         assert other["mse_norm"] == pytest.approx(results[0]["mse_norm"], rel=1e-12)
         assert other["per_step"]["mae_norm"] == pytest.approx(results[0]["per_step"]["mae_norm"], rel=1e-12)
     assert results[0]["mse_norm"] == pytest.approx(float(((pred.double() - true.double()) ** 2).mean()), rel=1e-12)
-    # A mean of batch means would differ when the last batch is short (pitfall 2).
+    # A mean of batch means would differ when the last batch is short (docs/conventions.md pitfall 2).
     batch_means = [((pred[i : i + 10] - true[i : i + 10]) ** 2).mean() for i in range(0, 37, 10)]
     assert float(torch.stack(batch_means).mean()) != pytest.approx(results[0]["mse_norm"], rel=1e-6)
 

@@ -1,6 +1,6 @@
 """DNA sequence helpers: reverse complement, IUPAC normalisation, coordinates, pyfaidx handles.
 
-The coordinate test is the one that matters (issue 4 §8): SARS-CoV-2 genes from `annotation.gff` (1-based closed),
+The coordinate test is the one that matters: SARS-CoV-2 genes from `annotation.gff` (1-based closed),
 converted to BED (0-based half-open) and cut from the reference with pyfaidx, translate to the same proteins as
 the CDS features of `reference_seq.gb` read from its own ORIGIN sequence: an off-by-one anywhere shifts the frame.
 """

@@ -1,6 +1,6 @@
 """The `titans` Typer app: registers every command; each command's wiring lives in `titans_cli/commands/`.
 
-Commands: prepare <recipe>, train, eval, forecast, classify (conventions §1). Heavy imports (torch, polars)
+Commands: prepare <recipe>, train, eval, forecast, classify (docs/conventions.md §1). Heavy imports (torch, polars)
 happen inside the commands, so `titans --help` stays fast.
 """
 

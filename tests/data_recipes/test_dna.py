@@ -1,5 +1,5 @@
 """`titans prepare dna` recipes on real fixtures (GUE rows, the SARS-CoV-2 reference and its BED files) and on
-small hand-made inputs for every validation error of issue 4 §1.
+small hand-made inputs for every validation error of `titans prepare dna`.
 """
 
 from __future__ import annotations

@@ -120,9 +120,9 @@ def test_clipped_inner_gradients_are_huber_gradients(activation):
 
 
 def test_inner_clip_keeps_a_long_run_of_one_key_finite():
-    """The failure mode of the chunked update (spec §11): a chunk of b equal keys sums b gradients taken at the same
-    point, i.e. one step of size Σθ ≈ b·θ on that key; with b·θ > 2 every chunk overshoots and the memory grows
-    geometrically. Clamping the inner error bounds each write, so the memory stays finite and bounded."""
+    """The failure mode of the chunked update (docs/design.md §11): a chunk of b equal keys sums b gradients taken at
+    the same point, i.e. one step of size Σθ ≈ b·θ on that key; with b·θ > 2 every chunk overshoots and the memory
+    grows geometrically. Clamping the inner error bounds each write, so the memory stays finite and bounded."""
     T, b = 2048, 64
     g = torch.Generator().manual_seed(7)
     k = F.normalize(torch.randn(1, 1, 1, D, generator=g), dim=-1).expand(1, 1, T, D)
@@ -137,7 +137,7 @@ def test_inner_clip_keeps_a_long_run_of_one_key_finite():
 
 
 def test_no_momentum_linear_memory_is_a_delta_rule_with_forget_gate():
-    """η = 0, L_M = 1 (spec §5.5): M_t = (1−α_t) M_{t−1} − θ_t (M_{t−1} k_t − v_t) k_tᵀ, column convention."""
+    """η = 0, L_M = 1 (docs/design.md §5.5): M_t = (1−α_t) M_{t−1} − θ_t (M_{t−1} k_t − v_t) k_tᵀ, column convention."""
     T = 9
     q, k, v, alpha, _, theta, w0 = (t.detach() for t in _inputs(T=T, depth=1, seed=2))
     eta = torch.zeros_like(alpha)

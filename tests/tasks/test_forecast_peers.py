@@ -1,4 +1,4 @@
-"""Forecasting peers and Titans options (issue 11): RevIN round trip, the peers' shapes and causality, the
+"""Forecasting peers and Titans options: RevIN round trip, the peers' shapes and causality, the
 variate-token layout, the training losses, and a multi-dataset smoke run of `bench/forecast.py --quick`."""
 
 from __future__ import annotations

@@ -35,35 +35,35 @@ def check_fields(
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The Titans backbone. Every proposed reading of an ambiguity (spec §10) is a field here."""
+    """The Titans backbone. Every proposed reading of an ambiguity (docs/design.md §10) is a field here."""
 
-    variant: Variant = "lmm"  # lmm: memory only (§4.3); mac / mag / mal: Eqs. 21-31; attn: baseline
+    variant: Variant = "lmm"  # lmm: memory only (paper §4.3); mac / mag / mal: Eqs. 21-31; attn: baseline
     dim: int = 128  # model width d
     n_layers: int = 2
-    heads: int = 4  # memory heads and attention heads; head dim = dim / heads (A19)
-    memory_depth: int = 2  # L_M: 1 = matrix memory, >= 2 = MLP memory (A4)
-    memory_expansion: int = 4  # hidden width of the memory MLP = expansion * head dim (A4)
+    heads: int = 4  # memory heads and attention heads; head dim = dim / heads (docs/design.md A19)
+    memory_depth: int = 2  # L_M: 1 = matrix memory, >= 2 = MLP memory (docs/design.md A4)
+    memory_expansion: int = 4  # hidden width of the memory MLP = expansion * head dim (docs/design.md A4)
     memory_activation: Literal["silu", "gelu", "tanh"] = "silu"
     chunk_size: int = 16  # b: gradients are taken at chunk-start weights (Eqs. 16-18)
-    read: Literal["inclusive", "strict"] = "inclusive"  # y_t = M_t(q_t) or M_{t-1}(q_t) (A6)
-    theta_max: float = 0.4  # θ_t in (0, θ_max] (A1; spec §11 on stability)
+    read: Literal["inclusive", "strict"] = "inclusive"  # y_t = M_t(q_t) or M_{t-1}(q_t) (docs/design.md A6)
+    theta_max: float = 0.4  # θ_t in (0, θ_max] (docs/design.md A1, §11 on stability)
     eta_max: float = 0.9  # η_t in (0, η_max]: momentum always decays (docs/design.md §12)
     # θ_t's scale (docs/design.md §12): "gram" θ_t (1 − η_t) / r_t with r_t the overlap of k_t with the earlier keys
     # of its chunk; "none" Eq. 14 as written
     step_scale: Literal["none", "gram"] = "gram"
-    inner_clip: float = 1.0  # > 0: clamp each token's inner error M(k) − v to [−c, c] (Huber; spec §11); 0: off
+    inner_clip: float = 1.0  # > 0: clamp each inner error M(k) − v to [−c, c] (Huber; docs/design.md §11); 0: off
     checkpoint_chunks: int = 0  # > 0: keep every Nth chunk state for backward, recompute the rest (long sequences)
     memory_piece_len: int = 1024  # longer inputs run through each memory layer in pieces of this many tokens; 0: off
-    conv_kernel: int = 4  # causal depthwise conv after q/k/v projections (§2.1); 0 disables it
+    conv_kernel: int = 4  # causal depthwise conv after q/k/v projections (docs/design.md §2.1); 0 disables it
     window: int = 64  # sliding-window attention size (MAG, MAL, attn)
     segment_len: int = 64  # C: MAC segment length (Eqs. 21-25)
     n_persistent: int = 4  # N_p persistent memory tokens (Eq. 19)
-    # MAC/MAG ⊗ (Eqs. 25, 28; A10): False = the gate alone, o = W(y ⊙ σ(RMSNorm(M))); True = the gate plus the
-    # memory output as its own residual branch, o = W(y ⊙ σ(RMSNorm(M))) + M. True by default: through the gate
-    # alone the memory reaches the stream only via a sigmoid after a per-token norm, and MAC/MAG recall stayed at
-    # chance with it (docs/results.md, Recall)
+    # MAC/MAG ⊗ (Eqs. 25, 28; docs/design.md A10): False = the gate alone, o = W(y ⊙ σ(RMSNorm(M))); True = the
+    # gate plus the memory output as its own residual branch, o = W(y ⊙ σ(RMSNorm(M))) + M. True by default: through
+    # the gate alone the memory reaches the stream only via a sigmoid after a per-token norm, and MAC/MAG recall
+    # stayed at chance with it (docs/results.md, Recall)
     memory_residual: bool = True
-    # MAC Eq. 24 (A8): what the memory writes and reads: "attn" = the attention output y; "residual" =
+    # MAC Eq. 24 (docs/design.md A8): what the memory writes and reads: "attn" = the attention output y; "residual" =
     # RMSNorm(x + y), the residual stream after the attention sub-layer (keeps the token itself in the key)
     mac_write: Literal["attn", "residual"] = "residual"
     # MAC/MAG: initial scale of the weights that carry attention into the block: W of the gated branch

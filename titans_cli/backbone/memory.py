@@ -1,13 +1,13 @@
-"""`NeuralMemory`: the neural long-term memory layer (LMM, spec §2), around the memory-update op.
+"""`NeuralMemory`: the neural long-term memory layer (LMM, docs/design.md §2), around the memory-update op.
 
 Glossary (paper symbols): M memory weights (an MLP per head, depth L_M), S surprise/momentum (Eq. 14), `alpha`
 forget gate α_t (Eq. 13), `eta` momentum decay η_t (Eq. 14), `theta` inner learning rate θ_t (Eq. 14).
 
-    q, k, v = l2norm(SiLU(conv(x W_Q))), l2norm(SiLU(conv(x W_K))), SiLU(conv(x W_V))   (§2.1, Eqs. 11, 15, A18)
-    α_t = sigmoid(x_t w_α + b_α);  η_t = η_max · sigmoid(x_t w_η + b_η)                  (A1, per token, per head)
+    q, k, v = l2norm(SiLU(conv(x W_Q))), l2norm(SiLU(conv(x W_K))), SiLU(conv(x W_V))   (docs/design.md §2.1, A18)
+    α_t = sigmoid(x_t w_α + b_α);  η_t = η_max · sigmoid(x_t w_η + b_η)                  (docs/design.md A1, per token)
     θ_t = θ_max · sigmoid(x_t w_θ + b_θ) · (1 − η_t) / r_t                                 (docs/design.md §12)
     y_t = M_t(q_t) after writing k_t → v_t                                                (Eqs. 12-15)
-    o_t = W_O(RMSNorm(y_t) ⊙ SiLU(x_t W_G))                                               (§2.6, A17)
+    o_t = W_O(RMSNorm(y_t) ⊙ SiLU(x_t W_G))                                               (docs/design.md §2.6, A17)
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class MemorySettings:
         conv_kernel: short causal depthwise conv after the q/k/v projections (0 or 1 disables it).
         read: "inclusive" (M_t(q_t)) or "strict" (M_{t-1}(q_t)).
         kernel: memory-update path, see `titans_cli.backbone.ops.memory_update.memory_update`.
-        inner_clip: c > 0 clamps each token's inner error M(k) − v to [−c, c] (Huber inner loss, spec §11): a
+        inner_clip: c > 0 clamps each token's inner error M(k) − v to [−c, c] (Huber inner loss, docs/design.md §11): a
             bound on every write that keeps the chunked update finite when a chunk's keys coincide; 0 disables it.
         checkpoint_chunks: G > 0 recomputes the memory update in backward from every G-th chunk state instead of
             keeping all its activations (torch path): flat training memory in the length, ~1/3 more compute.
@@ -131,7 +131,7 @@ class NeuralMemory(nn.Module):
         >>> o2, state = memory(torch.randn(2, 20, 64), state)   # continues the same sequences
 
     Args:
-        dim: model width; split into `heads` independent memories of head dim `dim // heads` (A19).
+        dim: model width; split into `heads` independent memories of head dim `dim // heads` (docs/design.md A19).
         heads: number of memory heads.
         settings: the rest, a `MemorySettings` (from a `ModelConfig`: `NeuralMemory.from_config(cfg)`); None: the
             defaults.
@@ -157,7 +157,8 @@ class NeuralMemory(nn.Module):
             self.gates.bias.copy_(torch.tensor([-6.0] * heads + [0.0] * heads + [-2.0] * heads))
         d = self.head_dim
         dims = [d] + [expansion * d] * (depth - 1) + [d]
-        # Learned initial memory M_0, real [H, ...] parameters (not expanded views: titans-pytorch#64) (A5).
+        # Learned initial memory M_0 (docs/design.md A5), real [H, ...] parameters (not expanded views:
+        # titans-pytorch#64).
         self.init_weights = nn.ParameterList(
             nn.Parameter(torch.randn(heads, dims[i], dims[i + 1]) / math.sqrt(dims[i])) for i in range(depth)
         )
@@ -171,7 +172,7 @@ class NeuralMemory(nn.Module):
         return cls(cfg.dim, cfg.heads, MemorySettings.from_config(cfg))
 
     def initial_state(self, batch: int) -> MemoryState:
-        """M_0 per sample (reset per sequence, spec §2.7) and S_0 = 0."""
+        """M_0 per sample (reset per sequence, docs/design.md §2.7) and S_0 = 0."""
         return MemoryState.initial(tuple(self.init_weights), batch)
 
     def _split_heads(self, t: Tensor) -> Tensor:
@@ -218,7 +219,7 @@ class NeuralMemory(nn.Module):
 
     def _forward(self, x: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
         q, k, v, tail = self._project(x, state.conv)
-        # Gates and their log-space products stay in at least float32 under bf16 autocast (spec §3.2).
+        # Gates and their log-space products stay in at least float32 under bf16 autocast (docs/design.md §3.2).
         g = self.gates(x)
         g = torch.sigmoid(g.to(torch.promote_types(g.dtype, torch.float32))).transpose(1, 2)  # [B, 3H, T]
         alpha, eta, theta = g[:, : self.heads], g[:, self.heads : 2 * self.heads], g[:, 2 * self.heads :]

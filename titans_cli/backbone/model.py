@@ -1,8 +1,8 @@
 """The Titans backbone: embeddings `[B, T, dim]` → hidden states `[B, T, dim]`, task-agnostic.
 
-Variants (spec §5), each a pre-norm residual block with an FFN sub-block:
-    lmm  LMMBlock  memory only, "Memory Without Attention" (§4.3)
-    mac  MACBlock  Memory as a Context, Eqs. 21-25, causal reading of Eq. 25 (A7)
+Variants (docs/design.md §5), each a pre-norm residual block with an FFN sub-block:
+    lmm  LMMBlock  memory only, "Memory Without Attention" (paper §4.3)
+    mac  MACBlock  Memory as a Context, Eqs. 21-25, causal reading of Eq. 25 (docs/design.md A7)
     mag  MAGBlock  Memory as a Gate, Eqs. 26-28
     mal  MALBlock  Memory as a Layer, Eqs. 29-31
     attn AttnBlock sliding-window attention only: the baseline of the same size
@@ -206,7 +206,8 @@ class Block(nn.Module, abc.ABC):
 
 
 class LMMBlock(Block):
-    """Memory only (§4.3, §5.4): the persistent prefix is written into the memory like any token (Eq. 19)."""
+    """Memory only (paper §4.3; docs/design.md §5.4): the persistent prefix is written into the memory like any
+    token (Eq. 19)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
@@ -238,7 +239,8 @@ class AttnBlock(Block):
 
 
 class MALBlock(Block):
-    """Memory as a Layer (§4.3, Eqs. 29-31): y = M(x̃), then o = SW-Attn(y), each a residual sub-layer (A11)."""
+    """Memory as a Layer (paper §4.3, Eqs. 29-31): y = M(x̃), then o = SW-Attn(y), each a residual sub-layer
+    (docs/design.md A11)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
@@ -263,7 +265,7 @@ class MALBlock(Block):
 
 
 class MAGBlock(Block):
-    """Memory as a Gate (§4.2, Eqs. 26-28): o = RMSNorm(SWA*(x̃)) ⊙ σ(RMSNorm(M(x̃))) (A10).
+    """Memory as a Gate (paper §4.2, Eqs. 26-28): o = RMSNorm(SWA*(x̃)) ⊙ σ(RMSNorm(M(x̃))) (docs/design.md A10).
 
     With `memory_residual` the memory output is also added as its own residual branch, o = W(…⊙…) + M(x̃): through
     the gate alone the memory reaches the stream only via a sigmoid after a per-token norm, and recall barely learns.
@@ -298,10 +300,10 @@ class MAGBlock(Block):
 
 
 class MACBlock(Block):
-    """Memory as a Context (§4.1, Eqs. 21-25), per segment of length C = segment_len:
+    """Memory as a Context (paper §4.1, Eqs. 21-25), per segment of length C = segment_len:
 
     h = M*_{t−1}(q(x̂)) (Eq. 21); y = Attn([P | h | x̂]) causal in the segment (Eqs. 22-23); write y into the
-    memory and read it per token with the inclusive state (Eq. 24 and the causal reading A7 of Eq. 25);
+    memory and read it per token with the inclusive state (Eq. 24 and the causal reading of Eq. 25, docs/design.md A7);
     o = y ⊙ σ(RMSNorm(m)) (⊗ as a gate, as in MAG). `mac_write="residual"` writes and reads RMSNorm(x̂ + y)
     instead of y; `memory_residual` adds m to o (see MAGBlock).
     """

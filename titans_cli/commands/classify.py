@@ -1,6 +1,6 @@
 """`titans classify`: class probabilities for every sequence of a FASTA, a CSV/TSV, or FASTA + BED regions.
 
-Output TSV (conventions §13): `id`, then `chrom start end strand` for BED input, `label` when the input has one,
+Output TSV (docs/conventions.md §13): `id`, then `chrom start end strand` for BED input, `label` when the input has one,
 `pred` and one `prob_<class>` column per class, rows in input order. Sequences longer than the training length
 are read by the Titans backbone through its memory state in pieces of that length (no truncation).
 """

@@ -1,6 +1,6 @@
 """Shared CLI plumbing: the error wrapper every command uses, common option types, result printing.
 
-Conventions §4-§5: results go to stdout (`--json`: one JSON object), logs to stderr; a `TitansError` becomes
+docs/conventions.md §4-§5: results go to stdout (`--json`: one JSON object), logs to stderr; a `TitansError` becomes
 one stderr line and its exit code (1 runtime, 2 usage, 3 data); any other exception is `error: ...` with exit
 1; the traceback only with `--debug`. Typer >= 0.26 vendors Click, only Typer exceptions pass through.
 """
@@ -75,7 +75,7 @@ def _fail(message: str, code: int, debug: bool, hint: bool = False) -> None:
 
 
 # A plain str option checked here, not a Literal: typer's own error for a bad Literal is a multi-line usage
-# message before the command runs, and every error of titans is one line (conventions §5).
+# message before the command runs, and every error of titans is one line (docs/conventions.md §5).
 def choice(value: str, options: tuple[str, ...], flag: str) -> str:
     """`value` if it is one of `options`, else a `UsageError` naming the flag and the choices."""
     if value not in options:

@@ -23,7 +23,7 @@ def eval_command(
     ] = None,
     season_length: Annotated[
         int | None, typer.Option(help="forecast: season length m for MASE and the seasonal-naive reference.")
-    ] = None,  # forecast (Engineer B): same as --opt season_length=M
+    ] = None,  # forecast: same as --opt season_length=M
     json_out: JsonOut = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -41,7 +41,7 @@ def eval_command(
         if not sep or not key.strip():
             raise UsageError(f"--opt {item!r}: expected key=value")
         opts[key.strip()] = value.strip()
-    if season_length is not None:  # forecast (Engineer B)
+    if season_length is not None:  # forecast
         opts["season_length"] = str(season_length)
     result = evaluate_run(
         run, split=split, data_dir=data, which=checkpoint, device=device, batch_size=batch_size, opts=opts,

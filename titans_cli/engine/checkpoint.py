@@ -1,6 +1,6 @@
 """Checkpoints: atomic save, weights-only load, `load_run` to rebuild a trained model, `init_from` transfer.
 
-A checkpoint is a dict of tensors and plain Python values (conventions §8): model, optimizer and schedule
+A checkpoint is a dict of tensors and plain Python values (docs/conventions.md §8): model, optimizer and schedule
 state, RNG states, step/epoch, early-stopping state, the resolved config as TOML text, the task name and the
 task's meta as JSON text. It is loaded with `torch.load(weights_only=True)`, so a file that needs arbitrary
 unpickling (a crafted payload) is refused instead of executed.

@@ -1,6 +1,6 @@
 """Errors users can act on. The CLI prints them as one line on stderr and exits with `exit_code`.
 
-Exit codes (conventions §5): 1 runtime failure, 2 usage error (bad option, unknown config key),
+Exit codes (docs/conventions.md §5): 1 runtime failure, 2 usage error (bad option, unknown config key),
 3 data-validation failure (schema, NaNs, irregular timestamps, unknown chromosome names).
 """
 

@@ -2,7 +2,7 @@
 
 Used by the training loop (validation every epoch, test once from best.pt) and by `titans eval`
 (`evaluate_run`: a run's best.pt on a split, or every sub-run and their summary). Tasks aggregate sums and
-counts over every sample exactly once (conventions pitfalls 1-2).
+counts over every sample exactly once (docs/conventions.md pitfalls 1-2).
 """
 
 from __future__ import annotations

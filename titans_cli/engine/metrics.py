@@ -1,7 +1,7 @@
-"""Forecast metrics as sums and counts (conventions §9, pitfalls 1-2, 8-9): MSE, MAE, MASE, Pearson.
+"""Forecast metrics as sums and counts (docs/conventions.md §9, pitfalls 1-2, 8-9): MSE, MAE, MASE, Pearson.
 
 Errors are accumulated per horizon step and channel in float64, so a metric is the same whatever the batch size
-(no mean of batch means). Errors on the z-scored scale give the papers' `mse_norm` / `mae_norm` (spec §6.2);
+(no mean of batch means). Errors on the z-scored scale give the papers' `mse_norm` / `mae_norm` (docs/design.md §6.2);
 multiplying by each channel's training std gives original units. `naive_forecast` and `seasonal_naive_forecast`
 are the reference forecasts printed beside a model's metrics.
 """
@@ -134,7 +134,7 @@ def pearson(a: Tensor, b: Tensor) -> float | None:
     """Pearson correlation of two equal-size tensors (flattened); None when either is constant.
 
     sum((a−ā)(b−b̄)) / sqrt(sum (a−ā)² · sum (b−b̄)²): the product of sums, not the sum of products that
-    TSLib's CORR computes (pitfall 8).
+    TSLib's CORR computes (docs/conventions.md pitfall 8).
     """
     a = a.detach().to(torch.float64).flatten()
     b = b.detach().to(torch.float64).flatten()

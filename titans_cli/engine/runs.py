@@ -1,4 +1,4 @@
-"""Run-directory contract (conventions §3): layout, overwrite check, env.json, metrics files, atomic writes.
+"""Run-directory contract (docs/conventions.md §3): layout, overwrite check, env.json, metrics files, atomic writes.
 
     RUN/config.toml  env.json  metrics.jsonl  metrics.csv  metrics.json  checkpoints/{best,last}.pt
     RUN/<sub-run>/... and RUN/summary.json when a task trains several models (e.g. one per forecast horizon)
@@ -44,7 +44,7 @@ _ARTIFACTS = (CONFIG, ENV, METRICS_JSONL, METRICS_CSV, METRICS, SUMMARY, "splits
 
 
 def default_run_name(task: str, variant: str) -> str:
-    """`<task>-<variant>-<UTC timestamp>` (conventions §3)."""
+    """`<task>-<variant>-<UTC timestamp>` (docs/conventions.md §3)."""
     return f"{task}-{variant}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -1,6 +1,6 @@
 """Run-time environment: device resolution, seeding, bf16 autocast, and RNG state capture for checkpoints.
 
-Conventions §6-§7: one `--seed` seeds Python, NumPy and torch; the device and precision are resolved once in
+docs/conventions.md §6-§7: one `--seed` seeds Python, NumPy and torch; the device and precision are resolved once in
 the command and passed down; nothing is decided at import time and nothing writes `CUDA_VISIBLE_DEVICES`.
 `World` is the process group when `torchrun` started us (RANK / WORLD_SIZE / LOCAL_RANK in the environment).
 """

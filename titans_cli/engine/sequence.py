@@ -1,6 +1,6 @@
 """DNA sequences: the alphabet and its token ids, IUPAC → N, reverse complement, FASTA reading, and the one
 place where genomic coordinates are converted (BED and pyfaidx slices are 0-based half-open; GFF and
-samtools/faidx regions are 1-based closed; conventions §17, pitfalls 15-19).
+samtools/faidx regions are 1-based closed; docs/conventions.md §17, pitfalls 15-19).
 
 Every DNA task and recipe goes through this module, so a coordinate or strand bug can only live here.
 """

@@ -1,6 +1,6 @@
 """The one training loop: AdamW, linear warm-up + cosine schedule, clipping, early stopping, checkpoints.
 
-Every task trains here (issue 2 §4). Evaluation runs on the validation split at the end of every epoch (or
+Every task trains here. Evaluation runs on the validation split at the end of every epoch (or
 every `eval_every` steps) through `task.evaluate`; the best score writes checkpoints/best.pt, every evaluation
 (and every `save_every` seconds of training) writes last.pt, and the test split is evaluated once, at the end,
 from best.pt. Under torchrun each worker trains on its share of every batch (DistributedDataParallel) and rank 0
@@ -395,7 +395,8 @@ class _Training:
             self.log(f"early stop: no improvement in {tc.patience} evaluations")
 
     def final_test(self, train_seconds: float) -> dict[str, Any]:
-        """Save the last step, then test best.pt once (conventions §8, pitfall 6); metrics.json and the summary."""
+        """Save the last step, then test best.pt once (docs/conventions.md §8, pitfall 6); metrics.json and the
+        summary."""
         state, task, run_dir = self.state, self.task, self.run_dir
         if self.last_saved_step != state.step:
             self.save_last({})

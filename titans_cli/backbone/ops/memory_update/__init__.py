@@ -64,7 +64,7 @@ def memory_update(
     elif kernel == "torch" or (kernel == "auto" and not q.is_cuda):
         fn = torch_memory_update
     else:
-        # --- Triton selection (Engineer D, triton.py): imported lazily, the package runs without triton ---
+        # --- Triton selection (triton.py): imported lazily, so the package runs without triton ---
         reason = _triton_unsupported(q, k, v, state, chunk_size, activation, read)
         if reason is None:
             from titans_cli.backbone.ops.memory_update.triton import triton_memory_update as fn
@@ -79,7 +79,7 @@ def memory_update(
     )
 
 
-# --- Triton selection helper (Engineer D) ---
+# --- Triton selection helper ---
 def _triton_unsupported(
     q: Tensor, k: Tensor, v: Tensor, state: MemoryState, chunk_size: int, activation: str, read: str
 ) -> str | None:

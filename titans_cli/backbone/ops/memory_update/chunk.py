@@ -1,4 +1,4 @@
-"""Chunked closed form of the memory update (spec §3.2-3.3; Eqs. 16-18 corrected): the torch fast path.
+"""Chunked closed form of the memory update (docs/design.md §3.2-3.3; Eqs. 16-18 corrected): the torch fast path.
 
 Per chunk of n ≤ b tokens, with start state (M_0, S_0) and gradient point W_g (the chunk-start weights):
     u_j  = ∇ℓ(W_g; k_j, v_j) = a_jᵀ δ_j per layer           (closed form, mlp.py)
@@ -7,10 +7,10 @@ Per chunk of n ≤ b tokens, with start state (M_0, S_0) and gradient point W_g 
     M_i  = β_i M_0 + γ_i S_0 − Σ_{j≤i} C_ij u_j,   S_i = E_i S_0 − Σ_{j≤i} θ_j P_ij u_j
 Per-token reads use the dual form, layer by layer, without materialising the n weight copies:
     Z̃ = diag(β) Ã W_0 + diag(γ) Ã S_0 − (C ⊙ Ã Aᵀ) Δ
-and the chunk-end state is two matmuls per layer. The outer loop (§2.7) differentiates it in one of two ways:
-plain autograd through `naive.naive_chunk_step` (the readable reference, naive.py), or here `_FusedChunkStep`, a
-`torch.autograd.Function` with a hand-written backward: autograd handles only the O(b²) coefficients, the backward of
-the matmuls is written out (README.md, "Backward of the torch path").
+and the chunk-end state is two matmuls per layer. The outer loop (docs/design.md §2.7) differentiates it in one of
+two ways: plain autograd through `naive.naive_chunk_step` (the readable reference, naive.py), or here
+`_FusedChunkStep`, a `torch.autograd.Function` with a hand-written backward: autograd handles only the O(b²)
+coefficients, the backward of the matmuls is written out (README.md, "Backward of the torch path").
 
 Shape legend: B batch, H heads, n tokens in the chunk, weights `[B, H, d_in, d_out]`.
 """
@@ -29,11 +29,11 @@ from titans_cli.backbone.ops.memory_update.mlp import ACTIVATIONS
 from titans_cli.backbone.ops.memory_update.state import MemoryState
 
 # Coefficients below e^-69 ≈ 1e-30 are zeroed: float32 denormals there take a slow microcode path on x86
-# (performance.md: 3-4x slower steps) and contribute nothing.
+# (docs/performance.md: 3-4x slower steps) and contribute nothing.
 _LOG_FLOOR = -69.0
 _FLOOR = 1e-30
 # Gates are clamped away from 0 before the log so that ratios of products never become 0/0 or −inf − (−inf)
-# (spec §3.2). The floor sits just below e^_LOG_FLOOR, so a gate that is exactly 0 still gives exact zeros.
+# (docs/design.md §3.2). The floor sits just below e^_LOG_FLOOR, so a gate that is exactly 0 still gives exact zeros.
 _GATE_FLOOR = 0.9 * _FLOOR
 
 
@@ -83,7 +83,7 @@ def read_rows(beta: Tensor, gamma: Tensor, c: Tensor, read: str) -> tuple[Tensor
     return r_beta, r_gamma, r_c
 
 
-# --- Fused chunk step: hand-written backward (issue 2 §7) ---
+# --- Fused chunk step: hand-written backward ---
 def _act_grads(activation: str, z: Tensor) -> tuple[Tensor, Tensor]:
     """σ'(z) and σ''(z): δ of a hidden layer is (e W₂ᵀ) ⊙ σ'(z), so its backward needs σ''."""
     if activation == "silu":
@@ -167,7 +167,7 @@ class _FusedChunkStep(torch.autograd.Function):
         for l in range(L):
             a, d, w, s = xs[l], ds[l], weights[l], surprise[l]
             hw, hsv, ha = h @ w, h @ s, h @ _t(a)
-            # Dual form (spec §3.3): z = β̃ hW + γ̃ hS − (C̃ ⊙ h Aᵀ) Δ.
+            # Dual form (docs/design.md §3.3): z = β̃ hW + γ̃ hS − (C̃ ⊙ h Aᵀ) Δ.
             z = _mm(torch.addcmul(rb * hw, rg, hsv), r_c * ha, d, alpha=-1.0)
             hw_all.append(hw)
             hsv_all.append(hsv)
@@ -178,7 +178,7 @@ class _FusedChunkStep(torch.autograd.Function):
                 hs.append(h)
             else:
                 h = z
-            # Chunk end (spec §3.2): W' = β_n W + γ_n S − Aᵀ diag(c) Δ,  S' = E_n S − Aᵀ diag(θP) Δ.
+            # Chunk end (docs/design.md §3.2): W' = β_n W + γ_n S − Aᵀ diag(c) Δ,  S' = E_n S − Aᵀ diag(θP) Δ.
             new_w.append(_mm(torch.addcmul(be * w, ge, s), _t(a), ce * d, alpha=-1.0))
             new_s.append(_mm(ee * s, _t(a), tpu * d, alpha=-1.0))
         ctx.activation, ctx.n_layers, ctx.clipped = activation, L, inside is not None
@@ -360,7 +360,7 @@ def torch_memory_update(
 
     Chunk borders sit at multiples of `chunk_size` counted from the start of the sequence (`state.position`), so a
     call that begins or ends inside a chunk continues it exactly; a trailing partial chunk is written, never
-    dropped (spec §11, titans-pytorch#59).
+    dropped (docs/design.md §11, titans-pytorch#59).
 
     Args:
         q, k, v: `[B, H, T, D]`.
@@ -445,7 +445,7 @@ def _fused_memory_update(
     for g, first in enumerate(starts):
         flat = [*weights, *surprise, *anchor, *(p[g] for p in pieces)]
         if len(starts) > 1:
-            # Activation checkpointing (performance.md): only the group's inputs and start state are saved.
+            # Activation checkpointing (docs/performance.md): only the group's inputs and start state are saved.
             res = torch.utils.checkpoint.checkpoint(run, first, pos, *flat, use_reentrant=False)
         else:
             res = run(first, pos, *flat)

@@ -1,11 +1,11 @@
 """The memory network M as a function of its weights: forward pass and closed-form inner-loss gradients.
 
-M(k) = σ(…σ(k W_1)…) W_L, no biases (spec §2.4, A4); L_M = 1 is the matrix memory M(k) = k W.
-Inner loss ℓ = ½‖M(k) − v‖² summed over features (Eq. 12 with the ½ of Appendix C, A16). With an inner clip c > 0
-it is the elementwise Huber loss Σ_d huber_c(M(k)_d − v_d) instead, whose gradient w.r.t. the prediction is the error
-clamped to [−c, c] (spec §11, "optional inner-gradient clamp"): it bounds every token's write, so a chunk's summed
-mini-batch step cannot grow the memory without bound when many keys in a chunk coincide.
-Every per-token gradient of a linear layer is a rank-1 product a_{l−1}ᵀ δ_l (spec §2.2); this file returns the
+M(k) = σ(…σ(k W_1)…) W_L, no biases (docs/design.md §2.4, A4); L_M = 1 is the matrix memory M(k) = k W.
+Inner loss ℓ = ½‖M(k) − v‖² summed over features (Eq. 12 with the ½ of Appendix C; docs/design.md A16). With an
+inner clip c > 0 it is the elementwise Huber loss Σ_d huber_c(M(k)_d − v_d) instead, whose gradient w.r.t. the
+prediction is the error clamped to [−c, c] (docs/design.md §2.2, §11): it bounds every token's write, so a chunk's
+summed mini-batch step cannot grow the memory without bound when many keys in a chunk coincide.
+Every per-token gradient of a linear layer is a rank-1 product a_{l−1}ᵀ δ_l (docs/design.md §2.2); this file returns the
 activations a and errors δ, from which both the chunk-end state and the dual-form reads are built.
 
 Shape legend: leading dims `...` (e.g. B, H), n tokens, weights `[..., d_in, d_out]`.

@@ -1,11 +1,11 @@
 """The readable references of the memory update: the per-token recurrence (kernel "naive", the test oracle) and the
 chunked closed form step by step under plain autograd (the reference of the fused torch path's backward).
 
-`naive_memory_update` (spec §2.8) reads like the paper, one token at a time:
+`naive_memory_update` (docs/design.md §2.8) reads like the paper, one token at a time:
     g_t = ∇ℓ(M_{t'}; k_t, v_t)          Eq. 12 loss, gradient at the chunk-start weights M_{t'} (Eq. 16)
     S_t = η_t S_{t−1} − θ_t g_t          Eq. 14
     M_t = (1 − α_t) M_{t−1} + S_t        Eq. 13
-    y_t = M_t(q_t)   (or M_{t−1}(q_t))   Eq. 15, inclusive read by default (A6)
+    y_t = M_t(q_t)   (or M_{t−1}(q_t))   Eq. 15, inclusive read by default (docs/design.md A6)
 With chunk_size = 1, t' = t − 1 and this is the exact sequential rule; with chunk_size = b it is the mini-batch
 variant that the chunked closed form (chunk.py) computes. The inner gradient is taken by autograd here, on purpose
 independent of the hand-written gradients of the fast path. Slow: for tests and short benchmarks only.
@@ -121,13 +121,13 @@ def naive_chunk_step(
     for l in range(n_layers):
         a, d, w, s = inputs[l], errors[l], weights[l], surprise[l]
         d_out = w.shape[-1]
-        # Dual form (spec §3.3): h W_i = β_i h W_0 + γ_i h S_0 − Σ_j C_ij (h·a_j) δ_j; W_0 and S_0 are read with one
-        # matmul of the concatenated [W_0 | S_0].
+        # Dual form (docs/design.md §3.3): h W_i = β_i h W_0 + γ_i h S_0 − Σ_j C_ij (h·a_j) δ_j; W_0 and S_0 are read
+        # with one matmul of the concatenated [W_0 | S_0].
         hws = h @ torch.cat([w, s], dim=-1)
         z = r_beta.unsqueeze(-1) * hws[..., :d_out] + r_gamma.unsqueeze(-1) * hws[..., d_out:]
         z = z - (r_c * (h @ a.transpose(-1, -2))) @ d
         h = act(z) if l < n_layers - 1 else z
-        # Chunk end (spec §3.2): Σ_j c_j a_jᵀ δ_j = Aᵀ diag(c) Δ, for M and S in one matmul.
+        # Chunk end (docs/design.md §3.2): Σ_j c_j a_jᵀ δ_j = Aᵀ diag(c) Δ, for M and S in one matmul.
         g = a.transpose(-1, -2) @ torch.cat([c_end * d, tp * d], dim=-1)
         new_w.append(b_end * w + g_end * s - g[..., :d_out])
         new_s.append(e_end * s - g[..., d_out:])

@@ -1,4 +1,4 @@
-"""`MemoryState`: the explicit state of the neural long-term memory between calls (spec §2.7, A5, A15).
+"""`MemoryState`: the explicit state of the neural long-term memory between calls (docs/design.md §2.7, A5, A15).
 
 The memory is an MLP whose weights are the state. Besides the weights M and the momentum S ("surprise", Eq. 14)
 a chunked update needs the *anchor*: the weights at the start of the current chunk, where every gradient of the

@@ -1,9 +1,9 @@
-"""Triton kernels for the chunked memory update (spec §3.2-3.3), forward and backward, behind a
+"""Triton kernels for the chunked memory update (docs/design.md §3.2-3.3), forward and backward, behind a
 `torch.autograd.Function`.
 
 Forward: one program per (batch, head) (depth 1: also per value-column tile) loops over the chunks in order,
 carrying the state: per chunk it takes the inner gradients at the chunk-start weights (Eq. 12, closed form), reads
-every token by the dual form (spec §3.3) and writes the chunk-end state (Eqs. 13-14, §3.2). It saves a float32
+every token by the dual form (docs/design.md §3.3) and writes the chunk-end state (Eqs. 13-14, §3.2). It saves a float32
 state checkpoint every `_SEGMENT_TOKENS` tokens.
 
 Backward (`backward="triton"`, the default): one kernel launch, the same programs, walks the checkpoint segments
@@ -170,14 +170,14 @@ def _d1_chunk(c, W, S, A, q, k, v, y, rb, rg, rc, eb, eg, ee, ec, etp, T, R, b, 
     r_beta, r_gamma, r_c, c_end, tp_end = _load_coefficients(rb, rg, rc, ec, etp, c, b, BT)
     err = _clamp(tl.dot(K, A, input_precision=PREC) - V, clip, CLIP)  # δ_j = k_j W_anchor − v_j   [BT, BV]
     if READ:
-        # Dual-form read (spec §3.3): q_i W_i = β_i q_i W_0 + γ_i q_i S_0 − Σ_j C_ij (q_i·k_j) δ_j
+        # Dual-form read (docs/design.md §3.3): q_i W_i = β_i q_i W_0 + γ_i q_i S_0 − Σ_j C_ij (q_i·k_j) δ_j
         qk = r_c * tl.dot(Q, tl.trans(K), input_precision=PREC)
         out = r_beta[:, None] * tl.dot(Q, W, input_precision=PREC) + r_gamma[:, None] * tl.dot(
             Q, S, input_precision=PREC
         )
         out -= tl.dot(qk, err, input_precision=PREC)
         tl.store(y + vidx, out.to(y.dtype.element_ty), mask=vmask)
-    # Chunk end (spec §3.2): W_n = β_n W_0 + γ_n S_0 − Kᵀ diag(C_n,:) Δ, S_n = E_n S_0 − Kᵀ diag(θ⊙P_n,:) Δ
+    # Chunk end (docs/design.md §3.2): W_n = β_n W_0 + γ_n S_0 − Kᵀ diag(C_n,:) Δ, S_n = E_n S_0 − Kᵀ diag(θ⊙P_n,:) Δ
     kt = tl.trans(K)
     W_new = tl.load(eb + c) * W + tl.load(eg + c) * S - tl.dot(kt, c_end[:, None] * err, input_precision=PREC)
     S_new = tl.load(ee + c) * S - tl.dot(kt, tp_end[:, None] * err, input_precision=PREC)
@@ -820,7 +820,7 @@ class _TritonMemoryUpdate(torch.autograd.Function):
         NS = -(-NC // G)
         save = any(ctx.needs_input_grad)
         gates = (t.reshape(B * H, T) for t in (alpha, eta, theta))
-        # Under bf16 autocast the O(b²) coefficient matmuls would drop to bf16; keep them float32 (spec §3.2).
+        # Under bf16 autocast the O(b²) coefficient matmuls would drop to bf16; keep them float32 (docs/design.md §3.2).
         with torch.autocast(q.device.type, enabled=False):
             coefs = layout_coefficients(*gates, R, b, spec.read)
         qf, kf, vf = (t.reshape(B * H, T, D).contiguous() for t in (q, k, v))

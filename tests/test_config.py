@@ -190,3 +190,15 @@ def test_a_mac_block_that_cannot_learn_is_refused():
     with pytest.raises(UsageError, match=r"model.attn_branch_init=0 with model.memory_residual=false"):
         load(sets=["model.variant=mac", "model.attn_branch_init=0", "model.memory_residual=false"])
     load(sets=["model.variant=mac", "model.attn_branch_init=0", "model.memory_residual=true"])  # learns: accepted
+
+
+def test_a_config_saved_before_the_memory_bounds_loads_as_it_was_trained():
+    """Runs saved without model.eta_max / model.step_scale computed Eq. 14 as written: loading their config (or a
+    checkpoint's copy) keeps that model instead of switching it to the new defaults."""
+    from titans_cli.engine.config import dumps_toml, loads_config
+
+    text = dumps_toml(load())
+    old = "\n".join(line for line in text.splitlines() if not line.startswith(("eta_max", "step_scale")))
+    cfg = loads_config(old, resolve_task=lambda _: type(load().task))
+    assert (cfg.model.eta_max, cfg.model.step_scale) == (1.0, "none")
+    assert loads_config(text, resolve_task=lambda _: type(load().task)).model.step_scale == "gram"

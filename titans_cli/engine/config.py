@@ -244,7 +244,17 @@ def loads_config(text: str, resolve_task: TaskResolver, source: str = "config.to
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"{source}: invalid TOML: {err}") from None
+    model = data.get("model")
+    if isinstance(model, dict):
+        # A run saved before these fields existed computed Eq. 14 as written; keep its model what it was trained as.
+        for key, value in SAVED_BEFORE_STABILITY.items():
+            model.setdefault(key, value)
     return _resolve([(source, data, False)], {}, resolve_task, None)
+
+
+# `[model]` fields added with the memory bounds (docs/design.md §12), and the value that reproduces a saved run that
+# has none of them
+SAVED_BEFORE_STABILITY = {"eta_max": 1.0, "step_scale": "none"}
 
 
 def _resolve(

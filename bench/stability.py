@@ -168,10 +168,12 @@ def stream_norms(model: Probe, name: str, n: int, seed: int, bound: float, piece
     state, w_max, w_last, o_max, done = None, 0.0, 0.0, 0.0, 0
     t0 = time.perf_counter()
     finite = True
+    # Up to 200k steps the stream is made once; longer ones piece by piece (same distribution, a seed per piece),
+    # so memory stays flat for a 1M-token stream.
+    whole = make_stream(name, n, seed) if n <= 200_000 else None
     while done < n:
-        x = make_stream(name, min(piece, n - done) + done, seed)[done:] if n <= 200_000 else None
-        if x is None:  # long streams: generate piece by piece (same distribution, new seed per piece)
-            x = make_stream(name, min(piece, n - done), seed + done)
+        size = min(piece, n - done)
+        x = whole[done : done + size] if whole is not None else make_stream(name, size, seed + done)
         y, state = model(x.unsqueeze(0), state)
         w_last = memory_weight_norm(state) if bool(torch.isfinite(y).all()) else math.inf
         w_max, o_max = max(w_max, w_last), max([o_max, *outs])

@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,43 @@ class _ValidationOnly(ForecastTask):
         return dataclasses.replace(super().load(cfg, data_dir), test=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One trained model: (dataset, model, horizon) with its prepared data and overrides."""
+
+    dataset: str
+    model: str
+    horizon: int
+    data: str
+    sets: list[str]
+    quick: bool
+    val_only: bool
+
+
+def run_case(case: Case, out: Path) -> dict[str, Any]:
+    """Train and score one case (in this process or a pool worker); its JSON record."""
+    cfg = config_for(case.model, case.dataset, Path(case.data), case.horizon, case.sets, quick=case.quick)
+    task = _ValidationOnly() if case.val_only else TASK
+    t0 = time.perf_counter()
+    result = train_run(cfg, task, out / case.dataset / case.model / f"h{case.horizon}", overwrite=True, quiet=True)
+    scored = result["val"] if case.val_only else result["test"]
+    return {
+        "dataset": case.dataset,
+        "model": case.model,
+        "horizon": case.horizon,
+        "split": "val" if case.val_only else "test",
+        "mse": scored["mse_norm"],
+        "mae": scored["mae_norm"],
+        "val_mse": result["val"]["mse_norm"],
+        "val_mae": result["val"]["mae_norm"],
+        "steps": result["steps"],
+        "best_step": result["best_step"],
+        "stopped_early": result["stopped_early"],
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def table(rows: list[dict[str, Any]], metric: str) -> str:
     """Markdown: one row per (dataset, model), one column per horizon, then the average and wall time."""
     lines = []
@@ -195,7 +234,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--horizons", default="all", help="all, short (each dataset's first), or a comma list")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-forecast")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads in all (shared out over --jobs)")
+    parser.add_argument("--jobs", type=int, default=1, help="cases trained at once, each in its own process")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value (all models)")
     for model in MODELS:
         parser.add_argument(f"--{model}-set", action="append", default=[], help=f"section.key=value for {model}")
@@ -214,59 +254,67 @@ def main() -> None:
         parser.error(f"unknown dataset or model {unknown[0]!r}; datasets {list(DATASETS)}, models {list(MODELS)}")
     args.out = args.out.resolve()  # run.data is read relative to the run directory otherwise
     args.out.mkdir(parents=True, exist_ok=True)
-    task = _ValidationOnly() if args.val_only else TASK
     split = "val" if args.val_only else "test"
-    rows: list[dict[str, Any]] = []
     started_all = time.perf_counter()
+    plan: list[tuple[str, list[int]]] = []
     for name in args.datasets.split(","):
         spec = DATASETS[name]
-        data = prepare(args.data_root, name, args.out, rows=1200 if args.quick else 0)
         if args.horizons == "all" and not args.quick:
             horizons = list(spec.horizons)
         elif args.horizons in ("short", "all"):
             horizons = [spec.horizons[0]]
         else:
             horizons = [int(h) for h in args.horizons.split(",")]
-        for model in args.models.split(","):
-            per: dict[int, tuple[float, float]] = {}
-            started = time.perf_counter()
-            extra = args.sets + getattr(args, f"{model}_set")
-            for h in horizons:
-                cfg = config_for(model, name, data, h, extra, quick=args.quick)
-                t0 = time.perf_counter()
-                result = train_run(cfg, task, args.out / name / model / f"h{h}", overwrite=True, quiet=True)
-                scored = result["val"] if args.val_only else result["test"]
-                per[h] = (scored["mse_norm"], scored["mae_norm"])
-                log(
-                    {
-                        "dataset": name,
-                        "model": model,
-                        "horizon": h,
-                        "split": split,
-                        "mse": per[h][0],
-                        "mae": per[h][1],
-                        "val_mse": result["val"]["mse_norm"],
-                        "val_mae": result["val"]["mae_norm"],
-                        "steps": result["steps"],
-                        "best_step": result["best_step"],
-                        "stopped_early": result["stopped_early"],
-                        "wall_s": round(time.perf_counter() - t0, 1),
-                    },  # fmt: skip
-                    args.out,
-                )
-            average = tuple(sum(v[i] for v in per.values()) / len(per) for i in (0, 1))
-            row = {"dataset": name, "model": model, "per": per, "average": average}
-            row["wall_s"] = round(time.perf_counter() - started, 1)
-            record = {"dataset": name, "model": model, "split": split, "horizons": horizons, "average": average}
-            record |= {"wall_s": row["wall_s"], "sets": extra}
-            if len(horizons) == 4 and name in PAPER and not args.val_only:
-                record["paper"] = {k: {"mse": v[0], "mae": v[1]} for k, v in PAPER[name].items()}
-            log(record, args.out)
-            rows.append(row)
-            # Rewritten after every (dataset, model), so a run stopped part-way still leaves its table.
-            (args.out / "table.md").write_text(table(rows, f"{split} MSE / MAE") + "\n")
+        plan.append((name, horizons))
+    data = {name: prepare(args.data_root, name, args.out, rows=1200 if args.quick else 0) for name, _ in plan}
+    cases = [
+        Case(name, model, h, str(data[name]), args.sets + getattr(args, f"{model}_set"), args.quick, args.val_only)
+        for name, horizons in plan
+        for model in args.models.split(",")
+        for h in horizons
+    ]
+    done: dict[tuple[str, str, int], dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+
+    def finished(record: dict[str, Any]) -> None:
+        log(record, args.out)
+        done[(record["dataset"], record["model"], record["horizon"])] = record
+        # A (dataset, model) row is complete once all its horizons are: log it and rewrite the table, so a run
+        # stopped part-way still leaves its table.
+        for name, horizons in plan:
+            for model in args.models.split(","):
+                keys = [(name, model, h) for h in horizons]
+                if (name, model) in {(r["dataset"], r["model"]) for r in rows} or not all(k in done for k in keys):
+                    continue
+                per = {h: (done[k]["mse"], done[k]["mae"]) for h, k in zip(horizons, keys, strict=True)}
+                average = tuple(sum(v[i] for v in per.values()) / len(per) for i in (0, 1))
+                wall = round(sum(done[k]["wall_s"] for k in keys), 1)
+                rows.append({"dataset": name, "model": model, "per": per, "average": average, "wall_s": wall})
+                summary = {"dataset": name, "model": model, "split": split, "horizons": horizons, "average": average}
+                summary |= {"wall_s": wall, "sets": args.sets + getattr(args, f"{model}_set")}
+                if len(horizons) == 4 and name in PAPER and not args.val_only:
+                    summary["paper"] = {k: {"mse": v[0], "mae": v[1]} for k, v in PAPER[name].items()}
+                log(summary, args.out)
+                ordered = sorted(rows, key=lambda r: (list(data).index(r["dataset"]), MODELS.index(r["model"])))
+                (args.out / "table.md").write_text(table(ordered, f"{split} MSE / MAE") + "\n")
+
+    if args.jobs <= 1:
+        for case in cases:
+            finished(run_case(case, args.out))
+    else:
+        # One process per case, `jobs` at a time, threads shared out: the models are small, so two
+        # single-thread processes keep two cores busier than one process with two threads. The longest cases
+        # (largest dataset, longest horizon) start first so that no worker is left with a long tail.
+        order = sorted(cases, key=lambda c: (c.model != "titans", c.dataset != "ETTm1", -c.horizon))
+        threads = max(1, args.threads // args.jobs)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=torch.set_num_threads,
+                                 initargs=(threads,)) as pool:  # fmt: skip
+            for future in as_completed([pool.submit(run_case, c, args.out) for c in order]):
+                finished(future.result())
+    rows.sort(key=lambda r: (list(data).index(r["dataset"]), MODELS.index(r["model"])))
     print(table(rows, f"{split} MSE / MAE"))
-    print(f"\nwall time {time.perf_counter() - started_all:.0f} s, {args.threads} threads")
+    print(f"\nwall time {time.perf_counter() - started_all:.0f} s, {args.threads} threads, {args.jobs} jobs")
 
 
 if __name__ == "__main__":

@@ -136,3 +136,20 @@ def test_bench_val_only_never_scores_the_test_split(tmp_path):
     metrics = json.loads((out / "ILI" / "rlinear" / "h24" / "metrics.json").read_text())
     assert metrics["split"] == "val"
     assert "| ILI (val MSE / MAE) |" in res.stdout
+
+
+def test_bench_jobs_give_the_same_results_as_one_process(tmp_path):
+    """`--jobs 2` trains the cases in two worker processes: same numbers per case, same table order."""
+    tables = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        cmd = [sys.executable, str(REPO / "bench" / "forecast.py"), "--quick", "--datasets", "ILI,ETTh1",
+               "--models", "titans,rlinear", "--threads", str(jobs), "--jobs", str(jobs),
+               "--out", str(out)]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        assert res.returncode == 0, res.stderr[-2000:]
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        per_case = {(r["dataset"], r["model"], r["horizon"]): (r["mse"], r["mae"]) for r in rows if "horizon" in r}
+        assert len(per_case) == 4
+        tables[jobs] = (per_case, [line.split("|")[1] for line in res.stdout.splitlines() if line.startswith("| ")])
+    assert tables[1] == tables[2]

@@ -7,9 +7,24 @@ reference (`naive`, short lengths only), titans-pytorch's `NeuralMemory` when in
 and options bf16 autocast, torch.compile of the chunk step and, at the longer lengths, activation checkpointing
 every `--checkpoint-chunks` chunks. Also inference-only streaming of 1M tokens.
 
+Against the machine's own limit: the run first measures its matmul peak (a 2,048² matmul, fp32 and bf16, at the
+same thread count, bf16 at 1,024²; row `impl: "peak"`), then counts each row's FLOPs (matmuls, by torch's dispatch-level
+`FlopCounterMode`, forward + backward) and prints `gflop_per_s` and `fraction_of_peak` (of the fp32 peak, or of the
+bf16 peak for bf16 rows). The machine changes between sessions: compare fractions and ratios from one run only.
+
+titans-pytorch runs in two settings, labelled by `setting`: `parallel` is its default (every chunk's gradient taken
+at the weights the call started with, chunks in parallel); `per-chunk` sets its `batch_size` to the chunk size, so
+the gradient point is refreshed at every chunk, the algorithm our layer computes (docs/performance.md §2).
+
     python bench/memory.py                      # the full table
     python bench/memory.py --quick              # 1024 only, fewer repeats
     python bench/memory.py --only torch --seq 4096
+    python bench/memory.py --profile --seq 1024   # where one training step's time goes (JSON lines)
+
+`--profile` runs one forward+backward of our layer under torch.profiler and prints the time per operator class
+(matmul kernels vs elementwise and the rest), the achieved GFLOP/s inside the matmul kernels, and the throughput
+of the layer's own GEMM shapes measured alone (`shape_bench`): what the small per-chunk matmuls can reach on this
+machine, against the 2,048² peak.
 """
 
 from __future__ import annotations
@@ -48,11 +63,98 @@ def _titans_pytorch(cfg: dict):
     import torch
     from titans_pytorch import NeuralMemory
 
+    # `batch_size` = chunk refreshes the gradient point per chunk (our algorithm); None is its parallel default.
+    batch_size = cfg["chunk"] if cfg.get("setting") == "per-chunk" else None
     mem = NeuralMemory(
         dim=cfg["dim"], chunk_size=cfg["chunk"], heads=cfg["heads"], dim_head=cfg["dim"] // cfg["heads"],
+        batch_size=batch_size,
         default_model_kwargs=dict(depth=cfg["depth"], expansion_factor=float(cfg["expansion"])),
     )  # fmt: skip
     return mem, torch
+
+
+def run_peak(cfg: dict) -> dict:
+    """The machine's matmul throughput at this thread count: best of `repeats` square matmuls per dtype (GFLOP/s)."""
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    row = dict(cfg)
+    # bf16 at 1,024²: without bf16 matrix units (AVX2-only CPUs) it is far slower than fp32; 2,048² took minutes.
+    for dtype, n in (("fp32", 2048), ("bf16", 1024)):
+        a = torch.randn(n, n).to(torch.float32 if dtype == "fp32" else torch.bfloat16)
+        b = torch.randn(n, n).to(a.dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(cfg["repeats"]):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        row[f"{dtype}_gflop_per_s"] = round(2 * n**3 / best / 1e9, 1)
+    return row
+
+
+# The GEMM shapes of one chunk step at the benchmark configuration (batch 4 x 4 heads, chunk 64, head dim 64,
+# hidden 256): [batch, m, k] @ [batch, k, n]. Reads h W (64x64 @ 64x256, 64x256 @ 256x64), dual-form h Aᵀ
+# (64x256 @ 256x64), chunk-end Aᵀ Δ (256x64 @ 64x64).
+GEMM_SHAPES = ((16, 64, 64, 256), (16, 64, 256, 64), (16, 256, 64, 64), (16, 64, 64, 64))
+
+
+def run_profile(cfg: dict) -> dict:
+    """One training step of our layer under torch.profiler: self CPU time per operator class, and the matmul
+    kernels' achieved GFLOP/s; plus each GEMM shape of a chunk step timed alone."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    mem, _ = _ours(cfg | {"impl": "torch"})
+    x = torch.randn(cfg["batch"], cfg["seq"], cfg["dim"], requires_grad=True)
+
+    def step():
+        mem(x)[0].square().mean().backward()
+
+    step()
+    gflop = count_gflop(step)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    matmul_ops = (
+        "aten::mm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::baddbmm_",
+        "aten::addmm",
+        "aten::addbmm",
+        "aten::_convolution",
+    )
+    by_op: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.self_cpu_time_total > 0:
+            by_op[e.key] = by_op.get(e.key, 0.0) + e.self_cpu_time_total / 1e6
+    total = sum(by_op.values())
+    matmul = sum(v for k, v in by_op.items() if k in matmul_ops)
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
+    shapes = {}
+    for b, m, k, n in GEMM_SHAPES:
+        a, c = torch.randn(b, m, k), torch.randn(b, k, n)
+        best = float("inf")
+        for _ in range(50):
+            t0 = time.perf_counter()
+            torch.bmm(a, c)
+            best = min(best, time.perf_counter() - t0)
+        shapes[f"{b}x{m}x{k}@{k}x{n}"] = round(2 * b * m * k * n / best / 1e9, 1)
+    return {**cfg, "impl": "profile", "gflop": round(gflop, 2), "profiled_s": round(total, 3),
+            "matmul_s": round(matmul, 3), "matmul_share": round(matmul / total, 3),
+            "matmul_gflop_per_s": round(gflop / matmul, 1), "shape_bench_gflop_per_s": shapes,
+            "top_ops_s": {k: round(v, 3) for k, v in top}}  # fmt: skip
+
+
+def count_gflop(step) -> float:
+    """FLOPs of one call of `step` (matmuls and convolutions, forward + backward), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
 
 
 def run_one(cfg: dict) -> dict:
@@ -100,10 +202,12 @@ def run_one(cfg: dict) -> dict:
             t0 = time.perf_counter()
             y = step()
             times.append(time.perf_counter() - t0)
+        gflop = count_gflop(step)  # an extra call after the timed ones, so that counting never enters a time
     if not torch.isfinite(y.float()).all():
         raise SystemExit(f"non-finite outputs for {cfg}")
     best = min(times)
     return {**cfg, "tokens_per_s": round(B * T / best, 1), "seconds": round(best, 4),
+            "gflop": round(gflop, 2), "gflop_per_s": round(gflop / best, 1),
             "first_call_s": round(first, 2), "peak_rss_mb": round(_peak_rss_mb(), 1)}  # fmt: skip
 
 
@@ -134,6 +238,17 @@ def run_stream(cfg: dict) -> dict:
             "peak_rss_mb_after_first_piece_half_end": rss_marks, "peak_rss_mb": round(_peak_rss_mb(), 1)}  # fmt: skip
 
 
+def _cpu_name() -> str:
+    """The CPU model (/proc/cpuinfo), since every number here is only comparable on one machine."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="sequence 1024 only, 2 repeats")
@@ -142,13 +257,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-options", action="store_true", help="skip the bf16 and torch.compile rows")
-    ap.add_argument("--checkpoint-chunks", type=int, default=8,
-                    help="also run the longer lengths with activation checkpointing every N chunks (0: skip)")
+    ap.add_argument(
+        "--checkpoint-chunks",
+        type=int,
+        default=8,
+        help="also run the longer lengths with activation checkpointing every N chunks (0: skip)",
+    )
+    ap.add_argument("--profile", action="store_true", help="only profile one training step of our layer per --seq")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         cfg = json.loads(args.child)
-        print(json.dumps(run_stream(cfg) if cfg["impl"] == "stream" else run_one(cfg)))
+        runner = {"stream": run_stream, "peak": run_peak, "profile": run_profile}.get(cfg["impl"], run_one)
+        print(json.dumps(runner(cfg)))
         return
 
     seqs = [int(s) for s in args.seq.split(",")] if args.seq else ([1024] if args.quick else [1024, 4096, 16384])
@@ -163,6 +284,9 @@ def main() -> None:
     except ImportError:
         have_tp = False
     configs = []
+    if args.profile:
+        only = set()
+        configs = [base | dict(impl="profile", seq=T) for T in seqs]
     for T in seqs:
         if "torch" in only:
             configs.append(base | dict(impl="torch", seq=T))
@@ -173,7 +297,8 @@ def main() -> None:
             if args.checkpoint_chunks and T >= 4096:
                 configs.append(base | dict(impl="torch", seq=T, checkpoint_chunks=args.checkpoint_chunks))
         if "titans-pytorch" in only and have_tp and T <= 4096:
-            configs.append(base | dict(impl="titans-pytorch", seq=T))
+            configs.append(base | dict(impl="titans-pytorch", seq=T, setting="parallel"))
+            configs.append(base | dict(impl="titans-pytorch", seq=T, setting="per-chunk"))
         if "naive" in only and T == seqs[0]:
             configs.append(base | dict(impl="naive", seq=256, repeats=1))
     if "stream" in only:
@@ -182,14 +307,25 @@ def main() -> None:
         print(json.dumps({"impl": "titans-pytorch", "skipped": "not installed: pip install -e .[bench]"}))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     allocator = os.environ.get("LD_PRELOAD") or "glibc malloc"
-    for cfg in configs:
+    peak: dict = {}
+    for cfg in [dict(impl="peak", threads=args.threads, repeats=5), *configs]:
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], env=env, capture_output=True,
                               text=True)  # fmt: skip
         if proc.returncode:
             print(json.dumps({**cfg, "error": proc.stderr.strip().splitlines()[-1:]}), flush=True)
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row.update(allocator=allocator, cpu=platform.processor() or platform.machine())
+        if cfg["impl"] == "peak":
+            peak = row
+        elif cfg["impl"] == "profile":
+            row["matmul_fraction_of_peak"] = round(row["matmul_gflop_per_s"] / peak["fp32_gflop_per_s"], 3)
+            row["shape_bench_fraction_of_peak"] = {
+                k: round(v / peak["fp32_gflop_per_s"], 3) for k, v in row["shape_bench_gflop_per_s"].items()
+            }
+        elif "gflop_per_s" in row:
+            limit = peak[f"{'bf16' if row['precision'] == 'bf16' else 'fp32'}_gflop_per_s"]
+            row["fraction_of_peak"] = round(row["gflop_per_s"] / limit, 3)
+        row.update(allocator=allocator, cpu=_cpu_name())
         print(json.dumps(row), flush=True)
 
 

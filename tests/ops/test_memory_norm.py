@@ -1,6 +1,7 @@
 """The memory with `model.memory_norm = "ln"`, M(x) = x + LN_h(f(x)) (mlp.py; docs/design.md §2.4, §12): the
-chunked torch path (closed form, LN's backward written out in the inner gradient, autograd for the outer one)
-against the per-token oracle (autograd inner gradient), streaming, the "none" default and the Triton refusal.
+chunked torch path (fused steps with LayerNorm terms in the hand-written backward) against the per-token oracle
+(autograd inner gradient) and against the readable chunked reference (autograd through the closed form), streaming,
+the "none" default and the Triton refusal. The fused step alone: tests/ops/test_chunk_backward.py.
 
 Float64, small shapes: outputs, final state and every gradient (q, k, v, gates, M_0, γ, β) must agree to round-off.
 """
@@ -12,7 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from titans_cli.backbone.memory import NeuralMemory
-from titans_cli.backbone.ops.memory_update import MemoryState, memory_update, torch_memory_update
+from titans_cli.backbone.ops.memory_update import (
+    MemoryState,
+    memory_update,
+    naive_chunk_memory_update,
+    torch_memory_update,
+)
 from titans_cli.backbone.ops.memory_update.mlp import mlp_forward, mlp_inner_grad_factors
 
 B, H, D, HIDDEN = 2, 3, 5, 7
@@ -74,6 +80,24 @@ def test_ln_chunked_path_equals_per_token_oracle(depth, chunk_size, read, clip):
     if clip > 0:  # the clamp binds at the initial weights, so the Huber branch is what was compared
         _, k, v, _, _, _, *rest = (t.detach() for t in tensors)
         assert float((mlp_forward(rest[:-2], k, "silu", (rest[-2], rest[-1])) - v).abs().max()) > clip
+
+
+@pytest.mark.parametrize("checkpoint_chunks", [0, 2])
+@pytest.mark.parametrize("position", [0, 3])
+def test_ln_fused_call_equals_autograd_reference_with_partial_chunks(checkpoint_chunks, position):
+    """torch_memory_update (fused, hand-written backward) equals naive_chunk_memory_update (autograd) with the norm:
+    a call that starts mid-chunk and ends in a partial chunk, with and without activation checkpointing."""
+    tensors = _inputs(T=13, depth=2, seed=5)
+    q, k, v, alpha, eta, theta, w1, w2, gamma, beta = tensors
+    results = []
+    for fn, extra in ((naive_chunk_memory_update, {}), (torch_memory_update, {"checkpoint_chunks": checkpoint_chunks})):
+        start = MemoryState.initial([w1, w2], B)
+        state = MemoryState(start.weights, start.surprise, start.anchor, position)
+        y, end = fn(q, k, v, alpha, eta, theta, state, chunk_size=4, clip=0.3, norm=(gamma, beta), **extra)
+        w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        loss = (y * w).sum() + sum((s**2).sum() for s in end.weights) + sum((s**3).sum() for s in end.surprise)
+        results.append((y, end, torch.autograd.grad(loss, tensors)))
+    _assert_same(results[0], results[1], 1e-10, depth=2)
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -157,8 +181,8 @@ def test_ln_layer_reads_m_of_q_and_retrieve_uses_the_norm():
 
 
 def test_memory_norm_none_is_unchanged():
-    """memory_norm "none" (the default) adds no parameter and takes the fused torch path: the dispatcher's result is
-    bit-identical to `torch_memory_update`."""
+    """memory_norm "none" (the default) adds no parameter, and the dispatcher's result is bit-identical to
+    `torch_memory_update` without a norm."""
     mem = NeuralMemory(16, 2)
     assert mem.settings.norm == "none" and mem._norm() is None
     assert not any("norm_weight" in n or "norm_bias" in n for n, _ in mem.named_parameters())

@@ -320,8 +320,6 @@ def test_memory_update_selects_triton_by_argument(monkeypatch: pytest.MonkeyPatc
 def test_triton_refuses_memory_norm_ln_and_auto_runs_it_on_the_torch_path() -> None:
     """M(x) = x + LN_h(f(x)) (model.memory_norm = "ln") has no Triton kernel: the kernel and kernel="triton" refuse it
     in one line naming the option and the kernels to use; "auto" runs it on the torch path, also on a GPU."""
-    from titans_cli.backbone.ops.memory_update import naive_chunk_memory_update
-
     xs, state = _case(1, 1, 5, 16, 2, 4, None)
     norm = (torch.ones(1, 16, device=DEVICE), torch.zeros(1, 16, device=DEVICE))
     with pytest.raises(
@@ -333,7 +331,7 @@ def test_triton_refuses_memory_norm_ln_and_auto_runs_it_on_the_torch_path() -> N
     ):
         memory_update(*xs, state, chunk_size=4, kernel="triton", norm=norm)
     y_auto, _ = memory_update(*xs, state, chunk_size=4, kernel="auto", norm=norm)
-    assert torch.equal(y_auto, naive_chunk_memory_update(*xs, state, chunk_size=4, norm=norm)[0])
+    assert torch.equal(y_auto, torch_memory_update(*xs, state, chunk_size=4, norm=norm)[0])
 
 
 def test_triton_on_cpu_without_interpreter_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:

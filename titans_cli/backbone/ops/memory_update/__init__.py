@@ -10,9 +10,8 @@ environment variable; "auto" is triton on CUDA when it imports and supports the 
 kernel, or one that cannot run, raises `ConfigError`, a `ValueError` (the CLI prints it as its one-line usage error).
 
 `norm` = (γ, β) selects the memory M(x) = x + LN_h(f(x)) (`model.memory_norm = "ln"`, mlp.py): "naive" computes it
-per token; "torch" and "auto" run it on `naive_chunk_memory_update` (the chunked closed form under autograd: the
-fused hand-written backward of chunk.py does not cover LN, and `checkpoint_chunks` does not apply there); "triton"
-refuses it.
+per token, "torch" and "auto" on the fused chunked path (LayerNorm terms in its hand-written backward; the readable
+reference is `naive_chunk_memory_update`), "triton" refuses it.
 """
 
 from __future__ import annotations
@@ -69,10 +68,14 @@ def memory_update(
     if norm is not None:
         if kernel == "triton":
             raise ConfigError("model.memory_norm='ln' has no Triton kernel; use model.kernel 'torch' or 'auto'")
-        fn = naive_memory_update if kernel == "naive" else naive_chunk_memory_update
-        return fn(
+        if kernel == "naive":
+            return naive_memory_update(
+                q, k, v, alpha, eta, theta, state, chunk_size=chunk_size, activation=activation, read=read, clip=clip,
+                norm=norm,
+            )  # fmt: skip
+        return torch_memory_update(
             q, k, v, alpha, eta, theta, state, chunk_size=chunk_size, activation=activation, read=read, clip=clip,
-            norm=norm,
+            checkpoint_chunks=checkpoint_chunks, norm=norm,
         )  # fmt: skip
     if kernel == "naive":
         fn = naive_memory_update

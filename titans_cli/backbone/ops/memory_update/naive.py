@@ -11,9 +11,8 @@ variant that the chunked closed form (chunk.py) computes. The inner gradient is 
 independent of the hand-written gradients of the fast path. Slow: for tests and short benchmarks only.
 
 `naive_chunk_memory_update` runs the closed form of chunk.py one `naive_chunk_step` at a time and lets autograd
-differentiate it: what `torch_memory_update` computes with its hand-written backward, in readable form. It is also
-the torch path of the memory with `model.memory_norm = "ln"`, M(x) = x + LN_h(f(x)) (mlp.py), which the fused
-hand-written backward does not cover.
+differentiate it: what `torch_memory_update` computes with its hand-written backward, in readable form, also for
+the memory with `model.memory_norm = "ln"`, M(x) = x + LN_h(f(x)) (mlp.py).
 """
 
 from __future__ import annotations
@@ -163,7 +162,7 @@ def naive_chunk_memory_update(
     """The chunked closed form (chunk.py) written plainly: one `naive_chunk_step` per chunk, differentiated by
     autograd. Same signature and result as `torch_memory_update`, whose fused steps have a hand-written backward;
     the readable reference of that backward (tests/ops/test_chunk_backward.py). `norm` (γ, β): the memory
-    M(x) = x + LN_h(f(x)) (`model.memory_norm = "ln"`), for which this is the torch path."""
+    M(x) = x + LN_h(f(x)) (`model.memory_norm = "ln"`, mlp.py)."""
     T = q.shape[2]
     weights, surprise, anchor = list(state.weights), list(state.surprise), list(state.anchor)
     pos = state.position

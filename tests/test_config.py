@@ -119,11 +119,21 @@ def test_command_line_text_is_parsed_against_the_field_type():
         ("train.lr=abc", "train.lr: expected float, got 'abc'"),
         ("train.precision=16", "train.precision: expected one of '32', 'bf16', got '16'"),
         ("model.variant=rnn", "model.variant: expected one of 'lmm', 'mac'"),
+        ("model.memory_norm=rms", "model.memory_norm: expected one of 'none', 'ln', got 'rms'"),
         ("lr=3", "expected section.key=value"),
         ("train.lr", "expected section.key=value"),
     ]:
         with pytest.raises(UsageError, match=message):
             load(sets=[bad])
+
+
+def test_memory_norm_defaults_to_none_takes_ln_and_names_itself_when_wrong():
+    """model.memory_norm (docs/design.md §2.4): "none" by default, "ln" from the command line; a wrong value, from
+    the command line or in the Python API, is a one-line error naming the field and the allowed values."""
+    assert load().model.memory_norm == "none"
+    assert load(sets=["model.memory_norm=ln"]).model.memory_norm == "ln"
+    with pytest.raises(ValueError, match=r"^model\.memory_norm: expected one of 'none', 'ln', got 'LN'$"):
+        ModelConfig(memory_norm="LN")
 
 
 def test_values_out_of_range_name_the_field():

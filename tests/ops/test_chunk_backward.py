@@ -54,8 +54,9 @@ def _loss(y, new_w, new_s):
 
 
 def _compare_step(
-    depth: int, n: int, read: str, activation: str, anchor_kind: str, seed: int = 0, clip: float = 0.0
-) -> None:
+    depth: int, n: int, read: str, activation: str, anchor_kind: str, seed: int = 0, clip: float = 0.0,
+    norm: bool = False,
+) -> None:  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     leaves = [t.requires_grad_() for t in _gates_and_qkv(n, g)]
     if anchor_kind == "fresh":
@@ -71,9 +72,14 @@ def _compare_step(
         st = [t.requires_grad_() for _ in range(3) for t in _state(depth, g, batched=True)]
         leaves += st
         weights, surprise, anchor = st[:depth], st[depth : 2 * depth], st[2 * depth :]
+    ln = None
+    if norm:  # memory_norm "ln": γ, β `[H, D]` away from 1, 0 (mlp.py)
+        ln = (1.0 + 0.3 * torch.randn(H, D, generator=g, dtype=torch.float64), 0.2 * torch.randn(H, D, generator=g))
+        ln = tuple(t.to(torch.float64).requires_grad_() for t in ln)
+        leaves += list(ln)
 
     def run(step):
-        y, new_w, new_s = step(*leaves[:6], weights, surprise, anchor, activation, read, clip)
+        y, new_w, new_s = step(*leaves[:6], weights, surprise, anchor, activation, read, clip, ln)
         return y, new_w, new_s, torch.autograd.grad(_loss(y, new_w, new_s), leaves)
 
     ref, out = run(naive_chunk_step), run(fused_chunk_step)
@@ -108,6 +114,33 @@ def test_fused_step_with_inner_clip_matches_autograd_step(depth, anchor_kind):
     # v ~ N(0, 1) against weights of norm ~1: a clip of 0.5 cuts a good share of the errors, so both the clamped and
     # the passed-through branches of the backward are exercised.
     _compare_step(depth, n=6, read="inclusive", activation="silu", anchor_kind=anchor_kind, clip=0.5)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("read", ["inclusive", "strict"])
+@pytest.mark.parametrize("anchor_kind", ["fresh", "mid_chunk"])
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_fused_step_with_memory_norm_matches_autograd_step(depth, read, anchor_kind, clip):
+    """M(x) = x + LN_h(f(x)) (model.memory_norm = "ln"): the LayerNorm terms of the hand-written backward (read LN,
+    and the inner error carried back through LN, whose backward needs LN's second order) against autograd through
+    `naive_chunk_step`; the gradients of γ and β (the last two leaves) included."""
+    _compare_step(depth, n=5, read=read, activation="gelu", anchor_kind=anchor_kind, clip=clip, norm=True, seed=depth)
+
+
+def test_fused_step_with_memory_norm_passes_gradcheck():
+    g = torch.Generator().manual_seed(4)
+    q, k, v, alpha, eta, theta = _gates_and_qkv(3, g)
+    state = [t for _ in range(3) for t in _state(2, g, batched=True)]
+    ln = [1.0 + 0.3 * torch.randn(H, D, generator=g, dtype=torch.float64), 0.2 * torch.randn(H, D, generator=g)]
+    leaves = [t.detach().to(torch.float64).clone().requires_grad_() for t in [q, k, v, alpha, eta, theta, *state, *ln]]
+
+    def fn(*xs):
+        y, new_w, new_s = fused_chunk_step(
+            *xs[:6], xs[6:8], xs[8:10], xs[10:12], "silu", "inclusive", 0.3, (xs[12], xs[13])
+        )
+        return (y, *new_w, *new_s)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
 
 
 def test_fused_step_passes_gradcheck():

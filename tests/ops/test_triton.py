@@ -317,6 +317,23 @@ def test_memory_update_selects_triton_by_argument(monkeypatch: pytest.MonkeyPatc
         memory_update(*mixed, state, chunk_size=4, kernel="triton")
 
 
+def test_triton_refuses_memory_norm_ln_and_auto_runs_it_on_the_torch_path() -> None:
+    """M(x) = x + LN_h(f(x)) (model.memory_norm = "ln") has no Triton kernel: the kernel and kernel="triton" refuse it
+    in one line naming the option and the kernels to use; "auto" runs it on the torch path, also on a GPU."""
+    xs, state = _case(1, 1, 5, 16, 2, 4, None)
+    norm = (torch.ones(1, 16, device=DEVICE), torch.zeros(1, 16, device=DEVICE))
+    with pytest.raises(
+        ValueError, match=r"^triton_memory_update cannot run model\.memory_norm='ln'; use kernel 'torch'"
+    ):
+        triton_memory_update(*xs, state, chunk_size=4, norm=norm)
+    with pytest.raises(
+        ValueError, match=r"^model\.memory_norm='ln' has no Triton kernel; use model\.kernel 'torch' or"
+    ):
+        memory_update(*xs, state, chunk_size=4, kernel="triton", norm=norm)
+    y_auto, _ = memory_update(*xs, state, chunk_size=4, kernel="auto", norm=norm)
+    assert torch.equal(y_auto, torch_memory_update(*xs, state, chunk_size=4, norm=norm)[0])
+
+
 def test_triton_on_cpu_without_interpreter_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     xs, state = _case(1, 1, 5, 16, 1, 4, None, device="cpu")
     monkeypatch.setattr(kernel_module, "INTERPRET", False)

@@ -19,6 +19,10 @@ Kernel = Literal["auto", "torch", "triton", "naive"]
 KERNELS: tuple[str, ...] = typing.get_args(Kernel)
 
 
+MemoryNorm = Literal["none", "ln"]
+MEMORY_NORMS: tuple[str, ...] = typing.get_args(MemoryNorm)
+
+
 class ConfigError(ValueError):
     """A `[model]` value out of range, or one that cannot run here (`kernel="triton"` without CUDA); the message
     names the field or the kernel. The CLI prints it as a usage error (exit code 2)."""
@@ -51,6 +55,9 @@ class ModelConfig:
     # θ_t's scale (docs/design.md §12): "gram" θ_t (1 − η_t) / r_t with r_t the overlap of k_t with the earlier keys
     # of its chunk; "none" Eq. 14 as written
     step_scale: Literal["none", "gram"] = "gram"
+    # Memory MLP output (docs/design.md §2.4, A4, §12): "none" M(x) = f(x); "ln" the TTT-style M(x) = x + LN_h(f(x)),
+    # a residual and a LayerNorm with learned per-head scale and shift (outer parameters, not written by the inner loop)
+    memory_norm: MemoryNorm = "none"
     inner_clip: float = 1.0  # > 0: clamp each inner error M(k) − v to [−c, c] (Huber; docs/design.md §11); 0: off
     checkpoint_chunks: int = 0  # > 0: keep every Nth chunk state for backward, recompute the rest (long sequences)
     memory_piece_len: int = 1024  # longer inputs run through each memory layer in pieces of this many tokens; 0: off
@@ -83,6 +90,7 @@ class ModelConfig:
             ("heads", self.heads >= 1 and self.dim % max(1, self.heads) == 0, f"must divide dim {self.dim}"),
             ("memory_depth", self.memory_depth >= 1, "must be >= 1"),
             ("memory_expansion", self.memory_expansion >= 1, "must be >= 1"),
+            ("memory_norm", self.memory_norm in MEMORY_NORMS, f"expected one of {', '.join(map(repr, MEMORY_NORMS))}"),
             ("chunk_size", self.chunk_size >= 1, "must be >= 1"),
             ("theta_max", self.theta_max > 0, "must be > 0"),
             ("eta_max", 0 < self.eta_max <= 1, "must be in (0, 1] (1: momentum may never decay, Eq. 14 as written)"),

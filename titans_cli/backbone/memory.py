@@ -7,6 +7,7 @@ forget gate α_t (Eq. 13), `eta` momentum decay η_t (Eq. 14), `theta` inner lea
     α_t = sigmoid(x_t w_α + b_α);  η_t = η_max · sigmoid(x_t w_η + b_η)                  (docs/design.md A1, per token)
     θ_t = θ_max · sigmoid(x_t w_θ + b_θ) · (1 − η_t) / r_t                                 (docs/design.md §12)
     y_t = M_t(q_t) after writing k_t → v_t                                                (Eqs. 12-15)
+    M(x) = f(x), the MLP, or with memory_norm "ln" x + LN_h(f(x))                         (docs/design.md §2.4, A4)
     o_t = W_O(RMSNorm(y_t) ⊙ SiLU(x_t W_G))                                               (docs/design.md §2.6, A17)
 """
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from titans_cli.backbone.config import ModelConfig
+from titans_cli.backbone.config import MEMORY_NORMS, ConfigError, ModelConfig
 from titans_cli.backbone.ops.memory_update import MemoryState, memory_update
 from titans_cli.backbone.ops.memory_update.mlp import mlp_forward
 
@@ -94,6 +95,9 @@ class MemorySettings:
         kernel: memory-update path, see `titans_cli.backbone.ops.memory_update.memory_update`.
         inner_clip: c > 0 clamps each token's inner error M(k) − v to [−c, c] (Huber inner loss, docs/design.md §11): a
             bound on every write that keeps the chunked update finite when a chunk's keys coincide; 0 disables it.
+        norm [memory_norm]: "none" (M = f, the MLP) or "ln": M(x) = x + LN_h(f(x)), the TTT-style residual and
+            LayerNorm with a learned per-head scale γ_h and shift β_h; the inner loss (Eq. 12) and the read (Eq. 15)
+            use M, the inner loop writes only f's weights (docs/design.md §2.4, §12).
         checkpoint_chunks: G > 0 recomputes the memory update in backward from every G-th chunk state instead of
             keeping all its activations (torch path): flat training memory in the length, ~1/3 more compute.
         piece_len [memory_piece_len]: inputs longer than this run through the layer in pieces of this many tokens,
@@ -111,6 +115,7 @@ class MemorySettings:
     read: str = ModelConfig.read
     kernel: str = ModelConfig.kernel
     inner_clip: float = ModelConfig.inner_clip
+    norm: str = ModelConfig.memory_norm
     checkpoint_chunks: int = ModelConfig.checkpoint_chunks
     piece_len: int = ModelConfig.memory_piece_len
 
@@ -118,7 +123,7 @@ class MemorySettings:
     def from_config(cls, cfg: ModelConfig) -> MemorySettings:
         """The memory fields of a `[model]` config."""
         renamed = {"depth": "memory_depth", "expansion": "memory_expansion", "activation": "memory_activation",
-                   "piece_len": "memory_piece_len"}  # fmt: skip
+                   "piece_len": "memory_piece_len", "norm": "memory_norm"}  # fmt: skip
         return cls(**{f.name: getattr(cfg, renamed.get(f.name, f.name)) for f in dataclasses.fields(cls)})
 
 
@@ -144,6 +149,9 @@ class NeuralMemory(nn.Module):
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.settings = s = dataclasses.replace(settings or MemorySettings(), **overrides)
+        if s.norm not in MEMORY_NORMS:
+            allowed = ", ".join(map(repr, MEMORY_NORMS))
+            raise ConfigError(f"model.memory_norm: expected one of {allowed}, got {s.norm!r}")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         depth, expansion = s.depth, s.expansion
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -162,6 +170,12 @@ class NeuralMemory(nn.Module):
         self.init_weights = nn.ParameterList(
             nn.Parameter(torch.randn(heads, dims[i], dims[i + 1]) / math.sqrt(dims[i])) for i in range(depth)
         )
+        if s.norm == "ln":
+            # γ_h, β_h of M(x) = x + LN_h(f(x)) (TTT's ttt_norm_weight/bias): outer parameters, initialised to the
+            # plain LayerNorm. Stored flat `[H·D]` (viewed `[H, D]` in `_norm`) so that the trainer's AdamW groups
+            # treat them as norm scales, without weight decay (engine/train.py `param_groups`: dim < 2).
+            self.norm_weight = nn.Parameter(torch.ones(heads * d))
+            self.norm_bias = nn.Parameter(torch.zeros(heads * d))
         self.out_norm = nn.RMSNorm(d)
         self.gate_proj = nn.Linear(dim, dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
@@ -174,6 +188,12 @@ class NeuralMemory(nn.Module):
     def initial_state(self, batch: int) -> MemoryState:
         """M_0 per sample (reset per sequence, docs/design.md §2.7) and S_0 = 0."""
         return MemoryState.initial(tuple(self.init_weights), batch)
+
+    def _norm(self) -> tuple[Tensor, Tensor] | None:
+        """(γ, β) `[H, D]` of the memory's LayerNorm, or None without one (`memory_norm = "none"`)."""
+        if self.settings.norm != "ln":
+            return None
+        return self.norm_weight.view(self.heads, self.head_dim), self.norm_bias.view(self.heads, self.head_dim)
 
     def _split_heads(self, t: Tensor) -> Tensor:
         B, T, _ = t.shape
@@ -233,7 +253,7 @@ class NeuralMemory(nn.Module):
         y, new = memory_update(
             q, k, v, alpha, eta, theta, state,
             chunk_size=s.chunk_size, activation=s.activation, read=s.read, kernel=s.kernel,
-            clip=s.inner_clip, checkpoint_chunks=s.checkpoint_chunks,
+            clip=s.inner_clip, checkpoint_chunks=s.checkpoint_chunks, norm=self._norm(),
         )  # fmt: skip
         return self._output(y.to(x.dtype), x), dataclasses.replace(new, conv=tail, keys=keys)
 
@@ -244,5 +264,5 @@ class NeuralMemory(nn.Module):
         Returns the output `[B, T, dim]` and the new conv tail.
         """
         q, _, _, tail = self._project(x, tail)
-        y = mlp_forward(state.weights, q, self.settings.activation)
+        y = mlp_forward(state.weights, q, self.settings.activation, self._norm())
         return self._output(y, x), tail

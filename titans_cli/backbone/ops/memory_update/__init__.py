@@ -8,6 +8,10 @@
 `memory_update(..., kernel=...)` runs `<kernel>_memory_update`, picked by argument, never by a global or an
 environment variable; "auto" is triton on CUDA when it imports and supports the shapes, else torch. An unknown
 kernel, or one that cannot run, raises `ConfigError`, a `ValueError` (the CLI prints it as its one-line usage error).
+
+`norm` = (γ, β) selects the memory M(x) = x + LN_h(f(x)) (`model.memory_norm = "ln"`, mlp.py): "naive" computes it
+per token, "torch" and "auto" on the fused chunked path (LayerNorm terms in its hand-written backward; the readable
+reference is `naive_chunk_memory_update`), "triton" refuses it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def memory_update(
     kernel: str = "torch",
     clip: float = 0.0,
     checkpoint_chunks: int = 0,
+    norm: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Write k→v into the memory and read it with q, with the kernel `kernel` names.
 
@@ -54,11 +59,24 @@ def memory_update(
         chunk_size: b; activation and read as in `NeuralMemory`; clip: the inner clamp c (0: off).
         kernel: "naive", "torch", "triton" or "auto" (module docstring).
         checkpoint_chunks: the torch kernel's activation checkpointing (the other kernels ignore it).
+        norm: None, or (γ, β) `[H, D]` for M(x) = x + LN_h(f(x)) (module docstring).
     Returns:
         y `[B, H, T, D]` and the state after the last token; see `torch_memory_update` for the details.
     """
     if kernel not in KERNELS:
         raise ConfigError(f"model.kernel: expected one of {', '.join(KERNELS)}, got {kernel!r}")
+    if norm is not None:
+        if kernel == "triton":
+            raise ConfigError("model.memory_norm='ln' has no Triton kernel; use model.kernel 'torch' or 'auto'")
+        if kernel == "naive":
+            return naive_memory_update(
+                q, k, v, alpha, eta, theta, state, chunk_size=chunk_size, activation=activation, read=read, clip=clip,
+                norm=norm,
+            )  # fmt: skip
+        return torch_memory_update(
+            q, k, v, alpha, eta, theta, state, chunk_size=chunk_size, activation=activation, read=read, clip=clip,
+            checkpoint_chunks=checkpoint_chunks, norm=norm,
+        )  # fmt: skip
     if kernel == "naive":
         fn = naive_memory_update
     elif kernel == "torch" or (kernel == "auto" and not q.is_cuda):

@@ -10,7 +10,9 @@ Per-token reads use the dual form, layer by layer, without materialising the n w
 and the chunk-end state is two matmuls per layer. The outer loop (docs/design.md §2.7) differentiates it in one of
 two ways: plain autograd through `naive.naive_chunk_step` (the readable reference, naive.py), or here
 `_FusedChunkStep`, a `torch.autograd.Function` with a hand-written backward: autograd handles only the O(b²)
-coefficients, the backward of the matmuls is written out (README.md, "Backward of the torch path").
+coefficients, the backward of the matmuls is written out (README.md, "Backward of the torch path"). With the memory
+norm (`model.memory_norm = "ln"`, M(x) = x + LN_h(f(x)), mlp.py) the inner error passes through LN and each read
+gets q + LN_h(·); the backward then has LayerNorm terms, its second order included (README.md, `norm`).
 
 Shape legend: B batch, H heads, n tokens in the chunk, weights `[B, H, d_in, d_out]`.
 """
@@ -25,7 +27,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from titans_cli.backbone.ops.memory_update.mlp import ACTIVATIONS
+from titans_cli.backbone.ops.memory_update.mlp import ACTIVATIONS, LN_EPS
 from titans_cli.backbone.ops.memory_update.state import MemoryState
 
 # Coefficients below e^-69 ≈ 1e-30 are zeroed: float32 denormals there take a slow microcode path on x86
@@ -124,6 +126,25 @@ def _t(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
 
 
+def _ln_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """ẑ = (z − μ) r and r = 1/√(σ² + ε) over the last dim (the memory norm's LayerNorm without affine, mlp.py)."""
+    zc = z - z.mean(-1, keepdim=True)
+    r = torch.rsqrt(zc.pow(2).mean(-1, keepdim=True) + LN_EPS)
+    return zc * r, r
+
+
+def _ln_back(g: Tensor, zh: Tensor, r: Tensor) -> Tensor:
+    """LayerNorm's backward: ∂/∂z of ⟨g, ẑ⟩ is r (g − mean g − ẑ mean(g ẑ)) (also the map δ_L = r P(γ e))."""
+    return r * (g - g.mean(-1, keepdim=True) - zh * (g * zh).mean(-1, keepdim=True))
+
+
+def _sum_to_head(x: Tensor) -> Tensor:
+    """`[..., H, n, D]` summed to the `[H, 1, D]` of γ and β (over the batch and the tokens)."""
+    if x.dim() > 3:  # (an empty dim tuple would sum over everything)
+        x = x.sum(tuple(range(x.dim() - 3)))
+    return x.sum(-2, keepdim=True)
+
+
 class _FusedChunkStep(torch.autograd.Function):
     """The heavy part of `naive.naive_chunk_step` with a hand-written backward.
 
@@ -137,8 +158,12 @@ class _FusedChunkStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, activation, n_layers, clip, q, k, v, r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp, *state):
+    def forward(
+        ctx, activation, n_layers, clip, q, k, v, r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp, ln_w, ln_b,
+        *state,
+    ):  # fmt: skip
         L = n_layers
+        has_norm = ln_w is not None  # M(x) = x + LN_h(f(x)) with γ = ln_w, β = ln_b `[H, 1, D]` (mlp.py)
         weights, surprise, anchor = state[:L], state[L : 2 * L], state[2 * L :]
         act, act_grad = ACTIVATIONS[activation]
         # Inner-gradient factors at the anchor (mlp.py's closed form, keeping what backward needs).
@@ -146,11 +171,20 @@ class _FusedChunkStep(torch.autograd.Function):
         for l in range(L - 1):
             ps.append(xs[-1] @ anchor[l])
             xs.append(act(ps[-1]))
-        d = xs[-1] @ anchor[-1] - v  # δ_L = M(k) − v
+        if has_norm:
+            # Eq. 12 on M(k) = k + γ ẑ + β, ẑ = LN(z_L) without affine: e = M(k) − v (clamped), then δ_L = ∂ℓ/∂z_L
+            # = r (g − mean g − ẑ mean(g ẑ)), g = γ e (mlp._ln_inner_error).
+            zh_k, rn_k = _ln_stats(xs[-1] @ anchor[-1])
+            d = k + zh_k * ln_w + ln_b - v
+        else:
+            d = xs[-1] @ anchor[-1] - v  # δ_L = M(k) − v
         inside = None
         if clip > 0:  # Huber inner loss (mlp.py): δ_L clamped; its backward passes gradient only where |δ_L| < c
             inside = d.abs() <= clip
             d = d.clamp(-clip, clip)
+        if has_norm:
+            e_k = d
+            d = _ln_back(e_k * ln_w, zh_k, rn_k)
         ds = [d]
         for l in range(L - 1, 0, -1):
             ts.append(d @ _t(anchor[l]))
@@ -176,17 +210,21 @@ class _FusedChunkStep(torch.autograd.Function):
                 zs.append(z)
                 h = act(z)
                 hs.append(h)
+            elif has_norm:  # Eq. 15 read y = q + LN_h(f(q)), per token after the dual form
+                zh_q, rn_q = _ln_stats(z)
+                h = q + zh_q * ln_w + ln_b
             else:
                 h = z
             # Chunk end (docs/design.md §3.2): W' = β_n W + γ_n S − Aᵀ diag(c) Δ,  S' = E_n S − Aᵀ diag(θP) Δ.
             new_w.append(_mm(torch.addcmul(be * w, ge, s), _t(a), ce * d, alpha=-1.0))
             new_s.append(_mm(ee * s, _t(a), tpu * d, alpha=-1.0))
-        ctx.activation, ctx.n_layers, ctx.clipped = activation, L, inside is not None
+        ctx.activation, ctx.n_layers, ctx.clipped, ctx.has_norm = activation, L, inside is not None, has_norm
         dev = q.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(
             r_beta, r_gamma, r_c, b_end, g_end, e_end, c_end, tp, *state, *xs, *ps, *ts, *ds, *hs, *zs, *hw_all,
             *hsv_all, *has, *(() if inside is None else (inside,)),
+            *((ln_w, zh_k, rn_k, e_k, zh_q, rn_q) if has_norm else ()),
         )  # fmt: skip
         ctx.set_materialize_grads(False)
         return (h, *new_w, *new_s)
@@ -216,7 +254,11 @@ class _FusedChunkStep(torch.autograd.Function):
         weights, surprise, anchor = take(L), take(L), take(L)
         xs, ps, ts, ds = take(L), take(L - 1), take(L - 1), take(L)
         hs, zs, hw_all, hsv_all, has = take(L), take(L - 1), take(L), take(L), take(L)
-        inside = saved[pos] if ctx.clipped else None  # saved last, only with the clamp
+        inside = saved[pos] if ctx.clipped else None  # saved after the activations, only with the clamp
+        pos += int(ctx.clipped)
+        g_lnw = g_lnb = gk_norm = None
+        if ctx.has_norm:  # saved last, only with the memory norm
+            ln_w, zh_k, rn_k, e_k, zh_q, rn_q = saved[pos : pos + 6]
         ga: list[Tensor | None] = [None] * L  # ∂/∂a_l (layer inputs at the anchor)
         gd: list[Tensor | None] = [None] * L  # ∂/∂δ_l
         gw: list[Tensor | None] = [None] * L
@@ -247,6 +289,10 @@ class _FusedChunkStep(torch.autograd.Function):
         g_rbeta = g_rgamma = g_rc = gq = None
         rb, rg = r_beta.unsqueeze(-1), r_gamma.unsqueeze(-1)
         gz = gy
+        if gy is not None and ctx.has_norm:
+            # y = q + γ ẑ_q + β: q gets gy directly, γ and β their sums, z the LayerNorm backward of γ gy.
+            g_lnw, g_lnb = _sum_to_head(gy * zh_q), _sum_to_head(gy)
+            gz = _ln_back(ln_w * gy, zh_q, rn_q)
         for l in range(L - 1, -1, -1) if gz is not None else ():
             w, s, a, d, h, ha = weights[l], surprise[l], xs[l], ds[l], hs[l], has[l]
             g_rbeta = _acc(g_rbeta, (gz * hw_all[l]).sum(-1))
@@ -279,9 +325,27 @@ class _FusedChunkStep(torch.autograd.Function):
             gd[l + 1] = _mm(gd[l + 1], gt, anchor[l + 1])
             ganc[l + 1] = _t(gt) @ ds[l + 1]
         gpred = gd[L - 1]
-        if gpred is not None and inside is not None:
-            gpred = gpred * inside
-        gv = None if gpred is None else -gpred
+        if ctx.has_norm and gpred is not None:
+            # δ_L = r P(γ e), P = I − 11ᵀ/D − ẑẑᵀ/D (symmetric), e = k + γ ẑ + β − v (clamped), ẑ = (z − μ) r:
+            # back to e (hence k, v, γ, β) and to z_L, through P, through r and through ẑ (LayerNorm's second order).
+            gvec = e_k * ln_w
+            pg = gvec - gvec.mean(-1, keepdim=True) - zh_k * (gvec * zh_k).mean(-1, keepdim=True)
+            g_gvec = _ln_back(gpred, zh_k, rn_k)  # rn P gpred
+            g_rn = (gpred * pg).sum(-1, keepdim=True)
+            g_zh = -rn_k * ((gvec * zh_k).mean(-1, keepdim=True) * gpred + (gpred * zh_k).mean(-1, keepdim=True) * gvec)
+            g_e = g_gvec * ln_w
+            g_lnw = _acc(g_lnw, _sum_to_head(g_gvec * e_k))
+            if inside is not None:
+                g_e = g_e * inside
+            gk_norm, gv = g_e, -g_e
+            g_lnb = _acc(g_lnb, _sum_to_head(g_e))
+            g_lnw = g_lnw + _sum_to_head(g_e * zh_k)
+            g_zh = g_zh + g_e * ln_w
+            gpred = _ln_back(g_zh, zh_k, rn_k) - (rn_k * rn_k / zh_k.shape[-1]) * g_rn * zh_k
+        else:
+            if gpred is not None and inside is not None:
+                gpred = gpred * inside
+            gv = None if gpred is None else -gpred
         gx = ga[L - 1]
         if gpred is not None:
             ganc[L - 1] = _mm(ganc[L - 1], _t(xs[L - 1]), gpred)
@@ -293,10 +357,14 @@ class _FusedChunkStep(torch.autograd.Function):
             if gp[l] is not None:
                 ganc[l] = _mm(ganc[l], _t(xs[l]), gp[l])
                 gx = _mm(gx, gp[l], _t(anchor[l]))
+        if gk_norm is not None:  # k enters M(k) = k + LN_h(f(k)) directly too
+            gx = gk_norm if gx is None else gx + gk_norm
+        if ctx.has_norm and gy is not None:
+            gq = gy if gq is None else gq + gy  # the read's residual y = q + LN_h(f(q))
         need = ctx.needs_input_grad
-        grads_state = [g if need[14 + i] else None for i, g in enumerate([*gw, *gs, *ganc])]
+        grads_state = [g if need[16 + i] else None for i, g in enumerate([*gw, *gs, *ganc])]
         coefficient_grads = (g_rbeta, g_rgamma, g_rc, gb_end, gg_end, ge_end, gc_end, g_tp)
-        return (None, None, None, gq, gx, gv, *coefficient_grads, *grads_state)
+        return (None, None, None, gq, gx, gv, *coefficient_grads, g_lnw, g_lnb, *grads_state)
 
 
 def _step_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, read: str) -> list[Tensor]:
@@ -311,9 +379,11 @@ def _step_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, read: str) -> 
 def _apply_fused(
     q: Tensor, k: Tensor, v: Tensor, coefficients: Sequence[Tensor], weights: Sequence[Tensor],
     surprise: Sequence[Tensor], anchor: Sequence[Tensor], activation: str, clip: float = 0.0,
+    norm: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
     L = len(weights)
-    out = _FusedChunkStep.apply(activation, L, clip, q, k, v, *coefficients, *weights, *surprise, *anchor)
+    ln = (None, None) if norm is None else (norm[0].unsqueeze(-2), norm[1].unsqueeze(-2))  # [H, 1, D]
+    out = _FusedChunkStep.apply(activation, L, clip, q, k, v, *coefficients, *ln, *weights, *surprise, *anchor)
     return out[0], list(out[1 : 1 + L]), list(out[1 + L :])
 
 
@@ -330,10 +400,11 @@ def fused_chunk_step(
     activation: str,
     read: str,
     clip: float = 0.0,
+    norm: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """`naive.naive_chunk_step` with the hand-written backward of `_FusedChunkStep`; same inputs and results."""
     coefficients = _step_coefficients(alpha, eta, theta, read)
-    return _apply_fused(q, k, v, coefficients, weights, surprise, anchor, activation, clip)
+    return _apply_fused(q, k, v, coefficients, weights, surprise, anchor, activation, clip, norm)
 
 
 # --- end fused chunk step ---
@@ -353,6 +424,7 @@ def torch_memory_update(
     read: str = "inclusive",
     clip: float = 0.0,
     checkpoint_chunks: int = 0,
+    norm: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Chunked memory write + per-token reads (kernel "torch"): `_FusedChunkStep` per chunk, the coefficients of all
     full chunks in one batched call; same signature and result as `naive.naive_memory_update` and, with autograd
@@ -372,11 +444,12 @@ def torch_memory_update(
         clip: c > 0 clamps each token's output error to [−c, c] (Huber inner loss, mlp.py); 0: Eq. 12 as written.
         checkpoint_chunks: G > 0 keeps only every G-th chunk state for backward and recomputes the rest (fused
             path, when gradients are enabled): training memory independent of length for ~1/3 more compute.
+        norm: None, or (γ, β) `[H, D]` for M(x) = x + LN_h(f(x)) (`model.memory_norm = "ln"`, mlp.py).
     Returns:
         y `[B, H, T, D]` and the state after the last token.
     """
     return _fused_memory_update(
-        q, k, v, alpha, eta, theta, state, chunk_size, activation, read, clip, checkpoint_chunks
+        q, k, v, alpha, eta, theta, state, chunk_size, activation, read, clip, checkpoint_chunks, norm
     )
 
 
@@ -402,6 +475,7 @@ def _group_coefficients(alpha: Tensor, eta: Tensor, theta: Tensor, sizes: Sequen
 def _fused_memory_update(
     q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, eta: Tensor, theta: Tensor, state: MemoryState,
     chunk_size: int, activation: str, read: str, clip: float = 0.0, checkpoint_chunks: int = 0,
+    norm: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, MemoryState]:  # fmt: skip
     """The chunk loop of `torch_memory_update` over `_FusedChunkStep`, in groups of `checkpoint_chunks` chunks
     (one group of all chunks when it is 0 or no gradient is recorded).
@@ -436,7 +510,7 @@ def _fused_memory_update(
         for n, q_i, k_i, v_i, c in zip(sz, q_g.split(sz, 2), k_g.split(sz, 2), v_g.split(sz, 2), coefs, strict=True):
             if pos % chunk_size == 0:
                 an = w
-            y, w, sp = _apply_fused(q_i, k_i, v_i, c, w, sp, an, activation, clip)
+            y, w, sp = _apply_fused(q_i, k_i, v_i, c, w, sp, an, activation, clip, norm)
             ys.append(y)
             pos += n
         return (torch.cat(ys, dim=2), *w, *sp, *an)

@@ -11,7 +11,8 @@ variant that the chunked closed form (chunk.py) computes. The inner gradient is 
 independent of the hand-written gradients of the fast path. Slow: for tests and short benchmarks only.
 
 `naive_chunk_memory_update` runs the closed form of chunk.py one `naive_chunk_step` at a time and lets autograd
-differentiate it: what `torch_memory_update` computes with its hand-written backward, in readable form.
+differentiate it: what `torch_memory_update` computes with its hand-written backward, in readable form, also for
+the memory with `model.memory_norm = "ln"`, M(x) = x + LN_h(f(x)) (mlp.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from titans_cli.backbone.ops.memory_update.chunk import chunk_coefficients, read_rows
-from titans_cli.backbone.ops.memory_update.mlp import ACTIVATIONS, mlp_forward, mlp_inner_grad_factors
+from titans_cli.backbone.ops.memory_update.mlp import ACTIVATIONS, mlp_forward, mlp_inner_grad_factors, norm_residual
 from titans_cli.backbone.ops.memory_update.state import MemoryState
 
 
@@ -48,6 +49,7 @@ def naive_memory_update(
     activation: str = "silu",
     read: str = "inclusive",
     clip: float = 0.0,
+    norm: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Write k→v into the memory token by token and read it with q.
 
@@ -59,6 +61,7 @@ def naive_memory_update(
         activation: hidden activation of the memory MLP.
         read: "inclusive" (y_t = M_t(q_t)) or "strict" (y_t = M_{t−1}(q_t)).
         clip: c > 0 replaces the inner loss by the elementwise Huber loss with threshold c (mlp.py); 0: Eq. 12.
+        norm: None (M = the MLP f) or (γ, β) `[H, D]`: M(x) = x + LN_h(f(x)) (`model.memory_norm = "ln"`, mlp.py).
     Returns:
         y `[B, H, T, D]` and the state after the last token.
     """
@@ -74,7 +77,9 @@ def naive_memory_update(
             anchor = list(weights)
         with torch.enable_grad():
             leaves = [a if (outer and a.requires_grad) else a.detach().requires_grad_() for a in anchor]
-            pred = mlp_forward(leaves, k[:, :, t : t + 1], activation)
+            # Eq. 12 on M's prediction (with the memory norm: k + LN_h(f(k)); autograd goes through LN, whose γ, β
+            # are outer parameters and not leaves of this inner gradient).
+            pred = mlp_forward(leaves, k[:, :, t : t + 1], activation, norm)
             loss = _inner_loss(pred - v[:, :, t : t + 1], clip)
             grads = torch.autograd.grad(loss, leaves, create_graph=outer and loss.requires_grad)
         a_t = alpha[:, :, t, None, None]
@@ -84,7 +89,7 @@ def naive_memory_update(
         surprise = [e_t * s - th_t * g for s, g in zip(surprise, grads, strict=True)]  # Eq. 14
         weights = [(1.0 - a_t) * w + s for w, s in zip(weights, surprise, strict=True)]  # Eq. 13
         readout = weights if read == "inclusive" else previous
-        ys.append(mlp_forward(readout, q[:, :, t : t + 1], activation))
+        ys.append(mlp_forward(readout, q[:, :, t : t + 1], activation, norm))  # Eq. 15: y_t = M(q_t)
         pos += 1
     if pos % chunk_size == 0:
         anchor = list(weights)
@@ -105,12 +110,15 @@ def naive_chunk_step(
     activation: str,
     read: str,
     clip: float = 0.0,
+    norm: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One chunk of the closed form (chunk.py), differentiated by plain autograd: reads `[B, H, n, D]` and the
-    end-of-chunk weights and surprise."""
+    end-of-chunk weights and surprise. With `norm` = (γ, β) the memory is M(x) = x + LN_h(f(x)) (mlp.py): the inner
+    gradient carries the error back through LN by hand (`mlp_inner_grad_factors`), and each read's last-layer
+    output z = f(q) (the dual form, per token) becomes q + LN_h(z)."""
     act, _ = ACTIVATIONS[activation]
     beta, gamma, e, c, theta_p = chunk_coefficients(alpha, eta, theta)
-    inputs, errors = mlp_inner_grad_factors(anchor, k, v, activation, clip)
+    inputs, errors = mlp_inner_grad_factors(anchor, k, v, activation, clip, norm)  # Eq. 12 at the anchor
     r_beta, r_gamma, r_c = read_rows(beta, gamma, c, read)
     h = q
     n_layers = len(weights)
@@ -131,6 +139,8 @@ def naive_chunk_step(
         g = a.transpose(-1, -2) @ torch.cat([c_end * d, tp * d], dim=-1)
         new_w.append(b_end * w + g_end * s - g[..., :d_out])
         new_s.append(e_end * s - g[..., d_out:])
+    if norm is not None:
+        h = norm_residual(h, q, norm)  # Eq. 15 read y = M(q) = q + LN_h(f(q)); LN is per token, so exact here
     return h, new_w, new_s
 
 
@@ -147,10 +157,12 @@ def naive_chunk_memory_update(
     activation: str = "silu",
     read: str = "inclusive",
     clip: float = 0.0,
+    norm: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """The chunked closed form (chunk.py) written plainly: one `naive_chunk_step` per chunk, differentiated by
     autograd. Same signature and result as `torch_memory_update`, whose fused steps have a hand-written backward;
-    the readable reference of that backward (tests/ops/test_chunk_backward.py)."""
+    the readable reference of that backward (tests/ops/test_chunk_backward.py). `norm` (γ, β): the memory
+    M(x) = x + LN_h(f(x)) (`model.memory_norm = "ln"`, mlp.py)."""
     T = q.shape[2]
     weights, surprise, anchor = list(state.weights), list(state.surprise), list(state.anchor)
     pos = state.position
@@ -163,7 +175,7 @@ def naive_chunk_memory_update(
         sl = slice(start, start + n)
         y, weights, surprise = naive_chunk_step(
             q[:, :, sl], k[:, :, sl], v[:, :, sl], alpha[:, :, sl], eta[:, :, sl], theta[:, :, sl],
-            weights, surprise, anchor, activation, read, clip,
+            weights, surprise, anchor, activation, read, clip, norm,
         )  # fmt: skip
         outs.append(y)
         start += n

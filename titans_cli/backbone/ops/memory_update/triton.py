@@ -1047,6 +1047,7 @@ def triton_memory_update(
     read: str = "inclusive",
     clip: float = 0.0,
     backward: str = "triton",
+    norm: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Triton forward and backward (fp32 accumulation) of `torch_memory_update`, same signature and result.
 
@@ -1060,9 +1061,12 @@ def triton_memory_update(
         clip: c > 0 clamps each token's output error to [−c, c] (Huber inner loss, mlp.py); 0: Eq. 12.
         backward: "triton" (the backward kernels) or "torch" (the reference: torch closed form recomputed per
             segment and differentiated by autograd; same gradients, slower).
+        norm: must be None: the memory M(x) = x + LN_h(f(x)) (`model.memory_norm = "ln"`) has no Triton kernel.
     Returns:
         y `[B, H, T, D]` in q's dtype and the state after the last token, in the incoming state's dtypes.
     """
+    if norm is not None:
+        raise ValueError("triton_memory_update cannot run model.memory_norm='ln'; use kernel 'torch' or 'auto'")
     reason = unsupported_reason(q, k, v, state, chunk_size, activation, read)
     if reason is not None:
         raise ValueError(f"triton_memory_update cannot run: {reason}")

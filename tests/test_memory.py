@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titans_cli.backbone.memory import NeuralMemory
+from titans_cli.backbone.memory import CausalDepthwiseConv, NeuralMemory
 from titans_cli.backbone.ops.memory_update import MemoryState, torch_memory_update
 
 
@@ -187,3 +187,22 @@ def test_python_api_imports_from_the_package():
 
     assert titans_cli.NeuralMemory is NeuralMemory
     assert callable(titans_cli.memory_update) and titans_cli.Titans.__name__ == "Titans"
+
+
+@pytest.mark.parametrize("with_tail", [False, True])
+def test_causal_conv_equals_conv1d_on_the_left_padded_input(with_tail):
+    """The shifted multiply-adds of CausalDepthwiseConv are the depthwise conv1d over [tail, x] (zeros without a
+    tail): outputs, carried tail and every gradient, in float64."""
+    torch.manual_seed(0)
+    conv = CausalDepthwiseConv(6, 4).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    tail = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True) if with_tail else None
+    y, new_tail = conv(x, tail)
+    full = torch.cat([tail if with_tail else x.new_zeros(2, 3, 6), x], dim=1)
+    ref = F.conv1d(full.transpose(1, 2), conv.conv.weight, conv.conv.bias, groups=6).transpose(1, 2)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(new_tail, full[:, -3:], rtol=0, atol=0)
+    inputs = [x, conv.conv.weight, conv.conv.bias, *([tail] if with_tail else [])]
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

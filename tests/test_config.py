@@ -202,6 +202,16 @@ def test_a_mac_block_that_cannot_learn_is_refused():
     load(sets=["model.variant=mac", "model.attn_branch_init=0", "model.memory_residual=true"])  # learns: accepted
 
 
+def test_a_mag_warmup_that_trains_nothing_in_the_memory_is_refused():
+    """MAG with W zeroed and no memory residual learns (W gets the gradient of y ⊙ σ(M) at once), unless the
+    warm-up holds W at zero: then every block outputs 0 and the memory gets no gradient for the whole warm-up."""
+    zeroed = ["model.variant=mag", "model.attn_branch_init=0", "model.memory_residual=false"]
+    with pytest.raises(UsageError, match=r"train.memory_warmup > 0 with model.attn_branch_init=0"):
+        load(sets=[*zeroed, "train.memory_warmup=100"])
+    load(sets=zeroed)  # W moves at the first step: accepted
+    load(sets=["model.variant=mag", "model.attn_branch_init=0", "train.memory_warmup=100"])  # residual on: accepted
+
+
 def test_a_config_saved_before_the_memory_bounds_loads_as_it_was_trained():
     """Runs saved without model.eta_max / model.step_scale computed Eq. 14 as written: loading their config (or a
     checkpoint's copy) keeps that model instead of switching it to the new defaults."""

@@ -284,12 +284,22 @@ def _resolve(
     if preset is not None and preset.run.task != run.task:
         raise UsageError(f"the preset is for task {preset.run.task!r}, not {run.task!r}: drop --preset or --task")
     task_cls = resolve_task(run.task)
-    return RunConfig(
-        run=run,
-        model=_build(ModelConfig, "model", entries["model"]),
-        train=_build(TrainConfig, "train", entries["train"]),
-        task=_build(task_cls, "task", entries["task"], task_name=run.task),
-    )
+    model, train = _build(ModelConfig, "model", entries["model"]), _build(TrainConfig, "train", entries["train"])
+    _refuse_a_silent_warmup(model, train)
+    task = _build(task_cls, "task", entries["task"], task_name=run.task)
+    return RunConfig(run=run, model=model, train=train, task=task)
+
+
+def _refuse_a_silent_warmup(model: ModelConfig, train: TrainConfig) -> None:
+    """MAG with its gated branch W zeroed and no memory residual outputs W(…) = 0 until W moves; `train.memory_warmup`
+    holds W, so for the whole warm-up every MAG block outputs 0 and its memory gets zero gradient: warm-up steps
+    that train nothing in the memory (the MAC form of this trap is refused by ModelConfig itself)."""
+    if model.variant == "mag" and model.attn_branch_init == 0 and not model.memory_residual and train.memory_warmup:
+        raise UsageError(
+            "train.memory_warmup > 0 with model.attn_branch_init=0 and model.memory_residual=false holds every MAG "
+            "block's output at zero (its memory gets no gradient) for the whole warm-up; set "
+            "model.memory_residual=true, model.attn_branch_init > 0 or train.memory_warmup=0"
+        )
 
 
 def _build(cls: type, section: str, entries: list[tuple[str, _Value]], task_name: str = "") -> Any:

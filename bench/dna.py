@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.machine import cpu_name  # noqa: E402
 from data_recipes.dna import DnaPrepareOptions, prepare  # noqa: E402
 from tasks import get_task  # noqa: E402
 from tasks.dna import TASK  # noqa: E402
@@ -44,17 +44,6 @@ METRICS = ("mcc", "auroc", "accuracy", "f1_macro", "auprc")
 
 def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
-
-
-def cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def config_for(preset: str, data: Path, sets: list[str], quick: bool) -> RunConfig:

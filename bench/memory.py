@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.machine import cpu_name  # noqa: E402
 
 
 def _peak_rss_mb() -> float:
@@ -275,17 +276,6 @@ def run_stream(cfg: dict) -> dict:
             "peak_rss_mb_after_first_piece_half_end": rss_marks, "peak_rss_mb": round(_peak_rss_mb(), 1)}  # fmt: skip
 
 
-def _cpu_name() -> str:
-    """The CPU model (/proc/cpuinfo), since every number here is only comparable on one machine."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="sequence 1024 only, 2 repeats")
@@ -357,13 +347,13 @@ def main() -> None:
             rows.append({**cfg, "error": proc.stderr.strip().splitlines()[-1:]})
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row.update(allocator=allocator, cpu=_cpu_name())
+        row.update(allocator=allocator, cpu=cpu_name())
         (peaks if cfg["impl"] == "peak" else rows).append(row)
     best = {k: max(p[f"{k}_gflop_per_s"] for p in peaks) for k in ("fp32", "bf16")} if peaks else {}
     print(json.dumps({"impl": "peak", "threads": args.threads, "measurements": len(peaks),
                       **{f"{k}_gflop_per_s": v for k, v in best.items()},
                       "fp32_gflop_per_s_all": [p["fp32_gflop_per_s"] for p in peaks],
-                      "allocator": allocator, "cpu": _cpu_name()}))  # fmt: skip
+                      "allocator": allocator, "cpu": cpu_name()}))  # fmt: skip
     for row in rows:
         if row.get("impl") == "profile" and "error" not in row:
             row["matmul_fraction_of_peak"] = round(row["matmul_gflop_per_s"] / best["fp32"], 3)

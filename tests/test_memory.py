@@ -133,22 +133,34 @@ def test_projections_share_one_dtype_when_normalize_widens(monkeypatch: pytest.M
     assert seen == [(torch.bfloat16,) * 3]
 
 
+@pytest.mark.parametrize("norm", ["none", "ln"])
 @pytest.mark.parametrize("step_scale", ["none", "gram"])
-def test_the_step_bounds_are_exact_in_every_kernel(step_scale):
-    """η ≤ η_max, θ scaled by the chunk size (and 1 − η) and the inner clamp are part of the math every kernel
-    computes: the per-token reference and the chunked path give the same outputs, state and gradients (float64)."""
+def test_the_step_bounds_are_exact_in_every_kernel(step_scale, norm):
+    """η ≤ η_max, θ scaled by (1 − η)/r (the key overlap), the inner clamp and the memory norm are part of the math
+    every kernel computes: the per-token reference and the chunked path give the same outputs, state and gradients of
+    every parameter (float64), the norm's γ and β included."""
     x = torch.randn(2, 13, 16, dtype=torch.float64)
     results = []
     for kernel in ("naive", "torch"):
-        mem = _memory(kernel=kernel, step_scale=step_scale, eta_max=0.8, inner_clip=0.05)
+        mem = _memory(kernel=kernel, step_scale=step_scale, eta_max=0.8, inner_clip=0.05, norm=norm)
+        if norm == "ln":
+            with torch.no_grad():  # γ, β away from their initial 1, 0 so that a wrong use of either shows
+                torch.manual_seed(1)
+                mem.norm_weight.add_(0.3 * torch.randn_like(mem.norm_weight))
+                mem.norm_bias.add_(0.2 * torch.randn_like(mem.norm_bias))
         xi = x.clone().requires_grad_()
         y, state = mem(xi)
         loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + state.weights[0].square().sum()
+        names = ["x", *(n for n, _ in mem.named_parameters())]
         results.append((y, state.weights, torch.autograd.grad(loss, [xi, *mem.parameters()])))
     (y0, w0, g0), (y1, w1, g1) = results
     torch.testing.assert_close(y1, y0, atol=1e-10, rtol=1e-10)
-    for a, b in zip([*w1, *g1], [*w0, *g0], strict=True):
+    for a, b in zip(w1, w0, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    for name, a, b in zip(names, g1, g0, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"gradient of {name}")
+    if norm == "ln":
+        assert all(float(g1[names.index(n)].abs().max()) > 0 for n in ("norm_weight", "norm_bias"))
 
 
 def test_key_overlap_shares_one_step_among_coinciding_keys_and_looks_only_back():

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.ops.test_memory_update import B, D, H
+from tests.ops.test_memory_update import _inputs as update_inputs
 from titans_cli.backbone.memory import NeuralMemory
 from titans_cli.backbone.ops.memory_update import (
     MemoryState,
@@ -21,25 +23,16 @@ from titans_cli.backbone.ops.memory_update import (
 )
 from titans_cli.backbone.ops.memory_update.mlp import mlp_forward, mlp_inner_grad_factors
 
-B, H, D, HIDDEN = 2, 3, 5, 7
 NAMES = ["q", "k", "v", "alpha", "eta", "theta"]
 
 
 def _inputs(T: int, depth: int, seed: int = 0) -> list[torch.Tensor]:
-    """q, k, v, gates, M_0 per layer, then γ and β `[H, D]` (away from 1 and 0, so every LN term is exercised)."""
-    g = torch.Generator().manual_seed(seed)
-    dt = torch.float64
-    dims = [D] + [HIDDEN] * (depth - 1) + [D]
-    init = [torch.randn(H, dims[i], dims[i + 1], generator=g, dtype=dt) / dims[i] ** 0.5 for i in range(depth)]
-    q = F.normalize(torch.randn(B, H, T, D, generator=g, dtype=dt), dim=-1)
-    k = F.normalize(torch.randn(B, H, T, D, generator=g, dtype=dt), dim=-1)
-    v = torch.randn(B, H, T, D, generator=g, dtype=dt)
-    alpha = 0.2 * torch.rand(B, H, T, generator=g, dtype=dt)
-    eta = torch.rand(B, H, T, generator=g, dtype=dt)
-    theta = 0.5 * torch.rand(B, H, T, generator=g, dtype=dt)
-    gamma = 1.0 + 0.3 * torch.randn(H, D, generator=g, dtype=dt)
-    beta = 0.2 * torch.randn(H, D, generator=g, dtype=dt)
-    return [t.requires_grad_() for t in [q, k, v, alpha, eta, theta, *init, gamma, beta]]
+    """The update's test inputs (q, k, v, gates, M_0 per layer; test_memory_update.py), then γ and β `[H, D]` (away
+    from 1 and 0, so every LN term is exercised)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    gamma = 1.0 + 0.3 * torch.randn(H, D, generator=g, dtype=torch.float64)
+    beta = 0.2 * torch.randn(H, D, generator=g, dtype=torch.float64)
+    return [*update_inputs(T, depth, seed), gamma.requires_grad_(), beta.requires_grad_()]
 
 
 def _run(tensors: list[torch.Tensor], **kw):
@@ -142,29 +135,6 @@ def test_ln_layer_streaming_in_pieces_equals_one_call():
     for a, b in zip(state.weights + state.surprise, s_full.weights + s_full.surprise, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     assert state.position == 23
-
-
-@pytest.mark.parametrize("step_scale", ["none", "gram"])
-def test_ln_layer_torch_and_naive_kernels_agree_on_outputs_and_parameter_gradients(step_scale):
-    """NeuralMemory with the norm: kernel "torch" (chunked) and "naive" (per token) give the same outputs, state and
-    gradients of every parameter, γ and β included, with η_max, the inner clamp and either step scale."""
-    x = torch.randn(2, 13, 10, dtype=torch.float64)
-    results = []
-    for kernel in ("naive", "torch"):
-        mem = _layer(kernel=kernel, step_scale=step_scale, eta_max=0.8, inner_clip=0.05)
-        xi = x.clone().requires_grad_()
-        y, state = mem(xi)
-        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + state.weights[0].square().sum()
-        names = ["x", *(n for n, _ in mem.named_parameters())]
-        results.append((y, state.weights, torch.autograd.grad(loss, [xi, *mem.parameters()])))
-    assert "norm_weight" in names and "norm_bias" in names
-    (y0, w0, g0), (y1, w1, g1) = results
-    torch.testing.assert_close(y1, y0, atol=1e-10, rtol=1e-10)
-    for a, b in zip(w1, w0, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
-    for name, a, b in zip(names, g1, g0, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"gradient of {name}")
-    assert float(g1[names.index("norm_weight")].abs().max()) > 0 and float(g1[names.index("norm_bias")].abs().max()) > 0
 
 
 def test_ln_layer_reads_m_of_q_and_retrieve_uses_the_norm():

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_recipes import timeseries as ts
 from tasks.forecast_models import build_forecaster
+from tasks.forecast_stream import StreamWindows, stream_forecast, whole_past_errors
 from titans_cli.engine.config import check_fields
 from titans_cli.engine.errors import DataError, TitansError, UsageError
 from titans_cli.engine.metrics import ErrorSums, mase_scale, naive_forecast, seasonal_naive_forecast
@@ -51,7 +52,14 @@ class ForecastConfig:
     # Rows of history before each window that the Titans memory reads first (training and evaluation; the
     # first `context` training rows then only serve as history). 0: the window alone.
     context: int = 0
-    moving_avg: int = 25  # DLinear's trend kernel
+    # How training reads the series (Titans, variate layout; docs/forecasting.md "Long histories"). "window":
+    # windows in shuffled batches, each read alone (after `context` rows). "stream": each batch row walks the
+    # training split block by block (block = lookback rows) with the memory state carried from step to step and
+    # detached (truncated backpropagation), the loss the forecast after its newest block, so the model learns
+    # to forecast from a state that has read the whole past, as `--context all` does; validation and test then
+    # read every earlier row too (tasks/forecast_stream.py).
+    # "both": each step the stream loss and, with equal weight, a shuffled batch of windows read alone.
+    context_train: Literal["window", "stream", "both"] = "window"
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +72,12 @@ class ForecastConfig:
             ("moving_avg", self.moving_avg >= 1, "must be >= 1"),
             ("context", self.context >= 0, "must be >= 0 (0: the window alone)"),
         ]
+        if self.context_train != "window":
+            # Streams read the whole past themselves, in variate blocks (the only layout whose history is
+            # read as whole lookback blocks, so that a step of a stream equals reading its prefix in one call).
+            checks.append(("context_train", self.model == "titans", "streams train the titans model only"))
+            checks.append(("context_train", self.layout == "variate", "streams need task.layout = 'variate'"))
+            checks.append(("context_train", self.context == 0, "streams read the whole past; set task.context=0"))
         if self.layout == "patch" and self.model == "titans":
             ok = (self.lookback - self.patch_len) % max(1, self.patch_stride) == 0
             checks.append(("patch_stride", ok, f"must divide lookback - patch_len = {self.lookback - self.patch_len}"))
@@ -191,7 +205,10 @@ class ForecastTask:
                 "windows": {n: len(d) for n, d in datasets.items()},
             },
         }
-        return TaskData(datasets["train"], datasets["val"], datasets["test"], meta)
+        train = datasets["train"]
+        if t.context_train != "window":
+            train = StreamWindows(train, companions=t.context_train == "both")
+        return TaskData(train, datasets["val"], datasets["test"], meta)
 
     def build_model(self, cfg: Any, meta: dict[str, Any]) -> nn.Module:
         model = build_forecaster(cfg.model, cfg.task, len(meta["input_columns"]))
@@ -203,16 +220,30 @@ class ForecastTask:
         return model
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        pred = model(batch["x"]).index_select(2, model.target_idx)
-        return LOSSES[model.loss_name](pred.float(), batch["y"])
+        # A stream batch (task.context_train = "stream") continues the memory state of the previous one.
+        pred = stream_forecast(model, batch) if "block" in batch else model(batch["x"])
+        loss = LOSSES[model.loss_name](pred.index_select(2, model.target_idx).float(), batch["y"])
+        if "x_window" in batch:  # "both": the same weight on a shuffled batch forecast from the window alone
+            alone = model(batch["x_window"]).index_select(2, model.target_idx)
+            loss = (loss + LOSSES[model.loss_name](alone.float(), batch["y_window"])) / 2
+        return loss
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, meta: dict[str, Any]) -> dict[str, Any]:
-        """Overall MSE/MAE (z-scored and original units) over every window of `loader` once."""
+        """Overall MSE/MAE (z-scored and original units) over every window of `loader` once.
+
+        A stream-trained model (history_norm "block") is scored as it is meant to be used, each window forecast
+        after reading every earlier row of the series (`--context all`); its window-alone metrics come beside,
+        as `window_mse_norm` and the like.
+        """
         sums = _collect(model, loader, len(meta["target_columns"]), meta["horizon"])["model"]
         _, std = scaler_tensors(meta["scaler"], meta["target_columns"])
-        full = sums.summary(std=std)
-        return {k: full[k] for k in ("mse_norm", "mae_norm", "mse", "mae", "windows")}
+        keys = ("mse_norm", "mae_norm", "mse", "mae", "windows")
+        window = {k: v for k, v in sums.summary(std=std).items() if k in keys}
+        if getattr(model, "history_norm", "window") != "block":
+            return window
+        whole = whole_past_errors(model, loader.dataset).summary(std=std)
+        return {**{k: whole[k] for k in keys}, **{f"window_{k}": window[k] for k in keys[:4]}}
 
     def sub_runs(self, cfg: Any) -> list[tuple[str, Any]]:
         """One run per horizon when `task.horizon` lists several: [("h96", cfg), ...]; else []."""

@@ -87,6 +87,11 @@ class TitansForecaster(nn.Module):
         skip: add a linear map lookback -> horizon (shared by channels) to the head's output, so the backbone
             learns a correction to a linear forecast instead of the whole forecast.
         piece: tokens per backbone call when reading a long context.
+        history_norm: how RevIN frames a context longer than the lookback. "window": every row with the final
+            window's statistics (the frame the forecast starts from). "block" (variate layout): every L-row
+            block with its own statistics, as a stream that reads one block at a time must, since a state
+            written earlier cannot be renormalised afterwards (task.context_train = "stream"); then
+            `stream_step` over blocks 0..k equals one call on them.
     """
 
     def __init__(
@@ -103,10 +108,14 @@ class TitansForecaster(nn.Module):
         head_dropout: float = 0.0,
         skip: bool = False,
         piece: int = 512,
+        history_norm: Literal["window", "block"] = "window",
     ) -> None:
         super().__init__()
+        if history_norm not in ("window", "block") or (history_norm == "block" and layout != "variate"):
+            raise ValueError(f"history_norm {history_norm!r}: choose window, or block with the variate layout")
         self.channels, self.lookback, self.horizon, self.layout = channels, lookback, horizon, layout
         self.patch_len, self.patch_stride, self.piece = patch_len, patch_stride, piece
+        self.history_norm = history_norm
         self.revin = RevIN(channels) if revin else None
         self.backbone = backbone  # ends with its own RMSNorm
         self.dropout = nn.Dropout(head_dropout)
@@ -136,6 +145,10 @@ class TitansForecaster(nn.Module):
         """x [B, T, C] (T ≥ lookback; rows before the last L are context) → forecast [B, H, C]."""
         if x.shape[1] < self.lookback:
             raise ValueError(f"input has {x.shape[1]} rows, the model needs at least the lookback {self.lookback}")
+        if self.history_norm == "block":
+            blocks, stats = self._normalized_blocks(x)
+            hidden = _run_backbone(self.backbone, self._variate_tokens(blocks), self.channels, self.piece)
+            return self._output(self.head(self.dropout(hidden)).transpose(1, 2), blocks[:, -1], stats)
         stats = None
         if self.revin is not None:
             x, stats = self.revin.normalize(x, self.lookback)
@@ -153,16 +166,48 @@ class TitansForecaster(nn.Module):
             per_step = self.head_proj(self.dropout(hidden))  # [B, L, C]
             y = self.head(per_step.transpose(1, 2)).transpose(1, 2)
         else:
-            # The channels are the tokens: a fixed order, read causally by the memory, one lookback each. Earlier
-            # rows come as whole L-row blocks aligned to the end (a partial first block is dropped), each block's
-            # C tokens in time order, so the memory reads the history as a sequence of channel summaries.
-            blocks = t // self.lookback
-            rows = x[:, t - blocks * self.lookback :, :].reshape(b, blocks, self.lookback, c)
-            tokens = self.embed(rows.transpose(2, 3)).reshape(b, blocks * c, -1)
-            hidden = _run_backbone(self.backbone, tokens, c, self.piece)
+            hidden = _run_backbone(self.backbone, self._variate_tokens(self._blocks(x)), c, self.piece)
             y = self.head(self.dropout(hidden)).transpose(1, 2)
+        return self._output(y, x[:, -self.lookback :, :], stats)
+
+    def stream_step(self, block: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """Read one L-row block [B, L, C] after `state` (None: the series starts here) → (forecast [B, H, C],
+        the state after the block). Variate layout with `history_norm` "block": steps over blocks 0..k give the
+        forecast of one call on their rows."""
+        if self.history_norm != "block" or block.shape[1] != self.lookback:
+            raise ValueError(f"stream_step reads one {self.lookback}-row block with history_norm 'block'")
+        blocks, stats = self._normalized_blocks(block)
+        hidden, state = self.backbone(self._variate_tokens(blocks), state)
+        return self._output(self.head(self.dropout(hidden)).transpose(1, 2), blocks[:, -1], stats), state
+
+    def _blocks(self, x: Tensor) -> Tensor:
+        """x [B, T, C] → whole L-row blocks aligned to the end [B, T // L, L, C] (a partial first block is
+        dropped), so the final block is the window the forecast starts from."""
+        b, t, c = x.shape
+        blocks = t // self.lookback
+        return x[:, t - blocks * self.lookback :, :].reshape(b, blocks, self.lookback, c)
+
+    def _normalized_blocks(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """`_blocks` with RevIN per block; the statistics returned ([B, 1, C] each) are the final block's."""
+        blocks = self._blocks(x)
+        if self.revin is None:
+            return blocks, None
+        b, n, length, c = blocks.shape
+        flat, (mean, std) = self.revin.normalize(blocks.reshape(b * n, length, c), length)
+        last = (mean.reshape(b, n, 1, c)[:, -1], std.reshape(b, n, 1, c)[:, -1])
+        return flat.reshape(b, n, length, c), last
+
+    def _variate_tokens(self, blocks: Tensor) -> Tensor:
+        """[B, N, L, C] → [B, N·C, d]. The channels are the tokens: a fixed order, read causally by the memory,
+        one lookback each; a longer context comes block by block, each block's C tokens in time order, so the
+        memory reads the history as a sequence of channel summaries."""
+        b, n, _, c = blocks.shape
+        return self.embed(blocks.transpose(2, 3)).reshape(b, n * c, -1)
+
+    def _output(self, y: Tensor, window: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+        """The head's y [B, H, C] plus the skip map of the (normalised) final window, back in the input frame."""
         if self.skip is not None:
-            y = y + self.skip(x[:, -self.lookback :, :].transpose(1, 2)).transpose(1, 2)
+            y = y + self.skip(window.transpose(1, 2)).transpose(1, 2)
         if stats is not None:
             y = self.revin.denormalize(y, stats)
         return y
@@ -313,4 +358,5 @@ def build_forecaster(model_cfg: Any, task_cfg: Any, channels: int) -> nn.Module:
         revin=task_cfg.revin,
         head_dropout=task_cfg.head_dropout,
         skip=task_cfg.skip,
+        history_norm="window" if task_cfg.context_train == "window" else "block",
     )

@@ -94,3 +94,19 @@ class EvalReport(Protocol):
     ) -> dict[str, Any]:
         """`loaded` is the `checkpoint.LoadedRun`; returns JSON-able metrics."""
         ...
+
+
+@runtime_checkable
+class OrderedBatches(Protocol):
+    """Optional, on a train dataset: it fixes its own batches in place of the engine's seeded shuffle (stateful
+    training: forecast streams carry a memory state from one batch to the next, so batch t + 1 must continue
+    batch t). Trained by one process only."""
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Batches of every epoch."""
+        ...
+
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int, skip: int) -> list[list[Any]]:
+        """The keys (`dataset[key]`) of each batch of `epoch` from batch `skip` on: a pure function of its
+        arguments, so a resumed run sees the batches an uninterrupted one would."""
+        ...

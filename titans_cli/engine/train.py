@@ -50,7 +50,7 @@ from titans_cli.engine.runtime import (
     set_rng_state,
     world_from_env,
 )
-from titans_cli.engine.task import SubRuns, Summarize, Task
+from titans_cli.engine.task import OrderedBatches, SubRuns, Summarize, Task
 
 Log = Callable[[str], None]
 StopCheck = Callable[[int], bool]
@@ -319,8 +319,11 @@ class _Training:
         """This worker's batches of `epoch` from the current step on (a resumed epoch skips those it trained)."""
         tc, world = self.cfg.train, self.world
         skip = self.state.step % self.steps_per_epoch
-        order = epoch_order(len(self.data.train), tc.seed, epoch).tolist()
-        batches = worker_batches(order, tc.batch_size, world.size, world.rank, skip)
+        if isinstance(self.data.train, OrderedBatches):
+            batches = self.data.train.epoch_batches(epoch, tc.seed, tc.batch_size, skip)
+        else:
+            order = epoch_order(len(self.data.train), tc.seed, epoch).tolist()
+            batches = worker_batches(order, tc.batch_size, world.size, world.rank, skip)
         return DeviceLoader(DataLoader(self.data.train, batch_sampler=batches, num_workers=tc.num_workers), self.device)
 
     def step(self, batch: Any, epoch: int, advance: Callable[[int, float], None]) -> float:
@@ -468,6 +471,10 @@ def _start(
     n_train = len(data.train)
     per_step = tc.batch_size * world.size  # samples per optimizer step over all workers
     steps_per_epoch = math.ceil(n_train / per_step)
+    if isinstance(data.train, OrderedBatches):
+        if world.distributed:  # its batches continue one another; a share of each per worker would not
+            raise UsageError(f"task {task.name}: this training set fixes its own batches; train in one process")
+        steps_per_epoch = data.train.steps_per_epoch(tc.batch_size)
     total = tc.max_steps if tc.max_steps > 0 else tc.epochs * steps_per_epoch
     warmup = warmup_steps_for(tc.warmup, total)
     state = TrainState()

@@ -60,6 +60,10 @@ class ForecastConfig:
     # read every earlier row too (tasks/forecast_stream.py).
     # "both": each step the stream loss and, with equal weight, a shuffled batch of windows read alone.
     context_train: Literal["window", "stream", "both"] = "window"
+    # Streams: 0 reads each one whole from the start of the split (batches then hold windows within one block of
+    # rows of each other); K > 0 cuts them into segments of K blocks that first read the K blocks before them
+    # without gradients, so that a batch mixes segments from all over the split.
+    stream_segment: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +75,7 @@ class ForecastConfig:
             ("head_dropout", 0 <= self.head_dropout < 1, "must be in [0, 1)"),
             ("moving_avg", self.moving_avg >= 1, "must be >= 1"),
             ("context", self.context >= 0, "must be >= 0 (0: the window alone)"),
+            ("stream_segment", self.stream_segment >= 0, "must be >= 0 blocks (0: whole streams)"),
         ]
         if self.context_train != "window":
             # Streams read the whole past themselves, in variate blocks (the only layout whose history is
@@ -207,7 +212,7 @@ class ForecastTask:
         }
         train = datasets["train"]
         if t.context_train != "window":
-            train = StreamWindows(train, companions=t.context_train == "both")
+            train = StreamWindows(train, companions=t.context_train == "both", segment=t.stream_segment)
         return TaskData(train, datasets["val"], datasets["test"], meta)
 
     def build_model(self, cfg: Any, meta: dict[str, Any]) -> nn.Module:

@@ -33,29 +33,46 @@ from titans_cli.engine.task import Batch
 
 @dataclass(frozen=True)
 class StreamKey:
-    """A training window; whether its item carries the stream's whole past (the first batch after a resume in
-    the middle of a round, when no carried state exists); and its companion window (-1: none)."""
+    """A training window; how many blocks before it its item carries (read without gradients from a fresh
+    state: a segment's burn-in, or the first batch after a resume in the middle of a round); its companion
+    window (-1: none)."""
 
     window: int
-    with_past: bool = False
+    past: int = 0
     companion: int = -1
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Blocks `first`, ..., `first + blocks - 1` of stream `phase`, read after `past` earlier blocks."""
+
+    phase: int
+    first: int
+    blocks: int
+    past: int
 
 
 class StreamWindows(Dataset):
     """The training windows of a `WindowDataset` (context 0) as L streams, batched by `epoch_batches`.
 
-    Items: x the window's rows [L, C] (with `StreamKey.with_past`: the stream's rows from its first block,
-    [(k+1)·L, C]), y the targets, `block` k (the window's position in its stream), `index` the window. With
-    `companions` (task.context_train = "both") each item also brings `x_window`, `y_window`: a window drawn
-    from the epoch's shuffle of all windows, to be forecast from the window alone, so that every step also
-    trains the window regime on a batch spread over the whole split (the streams' windows all lie within one
-    block of rows).
+    `segment` 0: each stream is read whole, from block 0, so every forecast has the whole past of the split
+    behind it; a batch then holds windows within one block of rows of each other. `segment` K > 0: each stream
+    is cut into segments of K blocks (the first one longer, K + phase mod K, so that segments of different
+    phases start at different rows), and a segment first reads the K blocks before it without gradients
+    (burn-in); a batch then mixes segments from anywhere in the split, and every forecast has at least K
+    blocks of past behind it.
+
+    Items: x the window's rows [L, C] (with `StreamKey.past` = k: [(k+1)·L, C], the k blocks before it first),
+    y the targets, `block` (the window's block in its stream), `index` the window. With `companions`
+    (task.context_train = "both") each item also brings `x_window`, `y_window`: a window drawn from the epoch's
+    shuffle of all windows, forecast from the window alone, so that every step also trains the window regime on
+    a batch spread over the whole split.
     """
 
-    def __init__(self, windows: Any, companions: bool = False) -> None:
+    def __init__(self, windows: Any, companions: bool = False, segment: int = 0) -> None:
         if windows.context:
             raise ValueError("stream windows read the whole past themselves; build them with context 0")
-        self.windows, self.lookback, self.companions = windows, windows.lookback, companions
+        self.windows, self.lookback, self.companions, self.segment = windows, windows.lookback, companions, segment
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -63,11 +80,10 @@ class StreamWindows(Dataset):
     def __getitem__(self, key: StreamKey | int) -> Batch:
         key = key if isinstance(key, StreamKey) else StreamKey(key)
         item = dict(self.windows[key.window])
-        block = key.window // self.lookback
-        if key.with_past:
+        if key.past:
             s = self.windows.starts[key.window]
-            item["x"] = self.windows.values[s - block * self.lookback : s + self.lookback]
-        item["block"] = torch.tensor(block)
+            item["x"] = self.windows.values[s - key.past * self.lookback : s + self.lookback]
+        item["block"] = torch.tensor(key.window // self.lookback)
         if key.companion >= 0:
             other = self.windows[key.companion]
             item["x_window"], item["y_window"] = other["x"], other["y"]
@@ -77,32 +93,50 @@ class StreamWindows(Dataset):
         """Blocks of stream `phase`: windows phase, phase + L, ... below len(self)."""
         return -(-(len(self) - phase) // self.lookback)
 
-    def rounds(self, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
-        """The epoch's rounds: lists of at most `batch_size` phases, every phase once. Stream lengths differ by
-        at most one block; longer streams come first, so a round's shorter streams only sit out its last step.
-        Which phases share a round and the order of the rounds are drawn from (seed, epoch)."""
+    def segments(self) -> list[Segment]:
+        """Every block of every stream in exactly one segment (the same for every epoch)."""
+        out = []
+        for phase in range(min(self.lookback, len(self))):
+            n, k = self.stream_length(phase), self.segment
+            head = min(n, k + phase % k) if k else n
+            out.append(Segment(phase, 0, head, 0))
+            out += [Segment(phase, b, min(k, n - b), k) for b in range(head, n, k or n)]
+        return out
+
+    def rounds(self, seed: int, epoch: int, batch_size: int) -> list[list[Segment]]:
+        """The epoch's rounds: at most `batch_size` segments with the same burn-in, read side by side from one
+        step (one memory state holds rows at the same token position only); longer segments first, so the
+        shorter ones sit out the round's last steps. Which segments share a round and the order of the rounds
+        are drawn from (seed, epoch); the round lengths are not, so every epoch has as many steps."""
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        phases = torch.randperm(min(self.lookback, len(self)), generator=generator).tolist()
-        phases.sort(key=self.stream_length, reverse=True)  # stable: the draw still mixes equal lengths
-        rounds = [phases[i : i + batch_size] for i in range(0, len(phases), batch_size)]
+        segments = self.segments()
+        drawn = [segments[i] for i in torch.randperm(len(segments), generator=generator).tolist()]
+        rounds = []
+        for past in sorted({s.past for s in segments}):
+            group = sorted((s for s in drawn if s.past == past), key=lambda s: s.blocks, reverse=True)  # stable
+            rounds += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
         return [rounds[i] for i in torch.randperm(len(rounds), generator=generator).tolist()]
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        """Optimizer steps of one epoch: the same for every epoch (the round sizes do not depend on the draw)."""
-        return sum(self.stream_length(r[0]) for r in self.rounds(0, 0, batch_size))
+        """Optimizer steps of one epoch."""
+        return sum(r[0].blocks for r in self.rounds(0, 0, batch_size))
 
     def epoch_batches(self, epoch: int, seed: int, batch_size: int, skip: int = 0) -> list[list[StreamKey]]:
         """Batches of `epoch` from step `skip` on: round by round, block by block. A resumed epoch's first batch
-        in the middle of a round carries its streams' past (nothing else could rebuild their state)."""
+        in the middle of a round carries all its segments have read (nothing else could rebuild their state)."""
         out = []
         # The companions: the epoch's shuffle of all windows, handed out in step order (every window once).
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_000)
         shuffled = iter(torch.randperm(len(self), generator=generator).tolist() if self.companions else [])
-        for phases in self.rounds(seed, epoch, batch_size):
-            for block in range(self.stream_length(phases[0])):
-                first = len(out) == skip and block > 0
-                live = [p for p in phases if self.stream_length(p) > block]
-                out.append([StreamKey(p + block * self.lookback, first, next(shuffled, -1)) for p in live])
+        for segments in self.rounds(seed, epoch, batch_size):
+            for step in range(segments[0].blocks):
+                resumed = len(out) == skip and step > 0
+                keys = []
+                for seg in (s for s in segments if s.blocks > step):
+                    past = seg.past + step if resumed else seg.past if step == 0 else 0
+                    window = seg.phase + (seg.first + step) * self.lookback
+                    keys.append(StreamKey(window, past, next(shuffled, -1)))
+                out.append(keys)
         return out[skip:]
 
 
@@ -116,20 +150,21 @@ class StreamCarry:
 
 def stream_forecast(model: nn.Module, batch: Batch) -> Tensor:
     """The forecast [B, H, C] of a `StreamWindows` batch: the newest block read with gradients after the state
-    its streams carried out of the previous step (fresh at block 0; rebuilt from an item's past after a resume).
+    its streams carried out of the previous step (fresh at block 0; read from the items' past blocks at the
+    start of a segment with burn-in and after a resume).
 
     The state after this block is detached and kept on the model for the next step (truncated
     backpropagation); it is plain attribute data, never part of the state dict or a checkpoint.
     """
     x, index, lookback = batch["x"], batch["index"], model.lookback
-    block = int(batch["block"][0])
+    block = int(batch["block"].min())
     carry: StreamCarry | None = getattr(model, "_stream_carry", None)
-    if block == 0:
-        state = None
-    elif x.shape[1] > lookback:  # the streams' past came with the batch: read it without gradients
+    if x.shape[1] > lookback:  # the streams' past came with the batch: read it without gradients
         with torch.no_grad():
             state = read_past(model, x[:, :-lookback])
         x = x[:, -lookback:]
+    elif block == 0:
+        state = None
     else:
         state = _continued(carry, index - lookback, block)
     y, state = model.stream_step(x, state)

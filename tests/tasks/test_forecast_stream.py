@@ -107,8 +107,8 @@ def test_a_resumed_round_carries_its_past_and_forecasts_as_an_uninterrupted_one(
     batches = train.epoch_batches(0, seed=0, batch_size=8)
     skip = next(i for i, b in enumerate(batches) if b[0].window // L == 3)  # block 3 of a round
     resumed = train.epoch_batches(0, seed=0, batch_size=8, skip=skip)
-    assert [k.window for k in resumed[0]] == [k.window for k in batches[skip]] and resumed[0][0].with_past
-    assert not any(k.with_past for b in resumed[1:] for k in b)
+    assert [k.window for k in resumed[0]] == [k.window for k in batches[skip]] and resumed[0][0].past == 3
+    assert not any(k.past for b in resumed[1:] for k in b)
     model, collate = _model(7), DataLoader(train).collate_fn
     with torch.no_grad():
         for b in batches[skip - 3 : skip + 1]:
@@ -173,7 +173,7 @@ def test_window_training_is_unchanged_by_default(prepared):
     data = TASK.load(cfg, prepared)
     assert not isinstance(data.train, StreamWindows)
     assert TASK.build_model(cfg, data.meta).history_norm == "window"
-    assert StreamKey(3).with_past is False
+    assert StreamKey(3).past == 0
 
 
 def test_both_adds_a_shuffled_window_batch_covering_every_window_once(prepared):
@@ -190,3 +190,25 @@ def test_both_adds_a_shuffled_window_batch_covering_every_window_once(prepared):
     stream_only = {k: v for k, v in batch.items() if not k.endswith("_window")}
     both = TASK.loss(model, batch)  # block 0: each call starts its streams afresh
     assert both.requires_grad and not torch.isclose(both, TASK.loss(model, stream_only))
+
+
+def test_segments_cover_every_window_once_mix_times_and_read_their_burn_in(prepared):
+    t = ForecastConfig(lookback=L, horizon=(H,), context_train="stream", stream_segment=4)
+    cfg = dataclasses.replace(_cfg(prepared), task=t)
+    train = TASK.load(cfg, prepared).train
+    batches = train.epoch_batches(0, seed=0, batch_size=8)
+    assert len(batches) == train.steps_per_epoch(8) == len(train.epoch_batches(1, seed=0, batch_size=8))
+    assert sorted(k.window for b in batches for k in b) == list(range(len(train)))
+    firsts = [b for b in batches if b[0].past]  # the first step of a round with burn-in
+    assert firsts and all(k.past == 4 and k.window // L >= 4 for b in firsts for k in b)
+    assert max(max(k.window for k in b) - min(k.window for k in b) for b in firsts) > 2 * L  # mixed times
+    model, collate = _model(7), DataLoader(train).collate_fn
+    start = batches.index(firsts[0])
+    with torch.no_grad():
+        for b in batches[start : start + 3]:  # burn-in, then two carried steps
+            y = stream_forecast(model, collate([train[k] for k in b]))
+        first, state = batches[start + 2][0].window - 2 * L, None  # the first row's segment starts at `first`
+        for j in range(-4, 3):  # that segment by itself, block by block from its burn-in on
+            s = train.windows.starts[first] + j * L
+            alone, state = model.stream_step(train.windows.values[None, s : s + L], state)
+    assert torch.allclose(y[:1], alone, atol=1e-5)

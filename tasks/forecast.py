@@ -64,6 +64,9 @@ class ForecastConfig:
     # rows of each other); K > 0 cuts them into segments of K blocks that first read the K blocks before them
     # without gradients, so that a batch mixes segments from all over the split.
     stream_segment: int = 0
+    # Titans with a context longer than the lookback (`--context all`, whole-past validation): forecast the mean
+    # of the whole-past reading and the window-alone reading ("both" trains the two).
+    history_blend: bool = False
 
     def __post_init__(self) -> None:
         checks = [

@@ -92,6 +92,8 @@ class TitansForecaster(nn.Module):
             block with its own statistics, as a stream that reads one block at a time must, since a state
             written earlier cannot be renormalised afterwards (task.context_train = "stream"); then
             `stream_step` over blocks 0..k equals one call on them.
+        history_blend: with a context longer than the lookback, forecast the mean of the reading of the whole
+            context and that of the final window alone (the two regimes task.context_train = "both" trains).
     """
 
     def __init__(
@@ -109,13 +111,14 @@ class TitansForecaster(nn.Module):
         skip: bool = False,
         piece: int = 512,
         history_norm: Literal["window", "block"] = "window",
+        history_blend: bool = False,
     ) -> None:
         super().__init__()
         if history_norm not in ("window", "block") or (history_norm == "block" and layout != "variate"):
             raise ValueError(f"history_norm {history_norm!r}: choose window, or block with the variate layout")
         self.channels, self.lookback, self.horizon, self.layout = channels, lookback, horizon, layout
         self.patch_len, self.patch_stride, self.piece = patch_len, patch_stride, piece
-        self.history_norm = history_norm
+        self.history_norm, self.history_blend = history_norm, history_blend
         self.revin = RevIN(channels) if revin else None
         self.backbone = backbone  # ends with its own RMSNorm
         self.dropout = nn.Dropout(head_dropout)
@@ -145,6 +148,12 @@ class TitansForecaster(nn.Module):
         """x [B, T, C] (T ≥ lookback; rows before the last L are context) → forecast [B, H, C]."""
         if x.shape[1] < self.lookback:
             raise ValueError(f"input has {x.shape[1]} rows, the model needs at least the lookback {self.lookback}")
+        if self.history_blend and x.shape[1] > self.lookback:
+            return (self._read(x) + self._read(x[:, -self.lookback :])) / 2
+        return self._read(x)
+
+    def _read(self, x: Tensor) -> Tensor:
+        """The forecast from all of x, the earlier rows read through the memory."""
         if self.history_norm == "block":
             blocks, stats = self._normalized_blocks(x)
             hidden = _run_backbone(self.backbone, self._variate_tokens(blocks), self.channels, self.piece)
@@ -359,4 +368,5 @@ def build_forecaster(model_cfg: Any, task_cfg: Any, channels: int) -> nn.Module:
         head_dropout=task_cfg.head_dropout,
         skip=task_cfg.skip,
         history_norm="window" if task_cfg.context_train == "window" else "block",
+        history_blend=task_cfg.history_blend,
     )

@@ -205,7 +205,8 @@ def read_past(model: nn.Module, rows: Tensor, state: Any = None) -> Any:
 @torch.no_grad()
 def whole_past_errors(model: nn.Module, windows: Any, batch_size: int = 1024) -> ErrorSums:
     """Error sums over every window of a `WindowDataset` forecast after reading every earlier row of the series
-    (`model(values[: s + L])`, history_norm "block"), with one stream per phase, `batch_size` streams at once.
+    (`model(values[: s + L])`, history_norm "block", with `history_blend` too), with one stream per phase,
+    `batch_size` streams at once.
 
     Streams of equal length run together (one state, one position); a phase's stream runs from row s mod L to
     its last window, and each window's forecast is taken right after its own block.
@@ -230,8 +231,11 @@ def whole_past_errors(model: nn.Module, windows: Any, batch_size: int = 1024) ->
                 rows = starts[:, None] + torch.arange(lookback)
                 y, state = model.stream_step(values[rows].to(device), state)
                 keep = [j for j, s in enumerate(starts.tolist()) if s in wanted[j]]
-                if keep:
-                    future = starts[keep, None] + lookback + torch.arange(windows.horizon)
-                    true = values[future].index_select(2, targets)
-                    sums.update(y[keep].index_select(2, targets.to(device)).cpu(), true)
+                if not keep:
+                    continue
+                y = y[keep]
+                if model.history_blend and block:  # as `model(values[: s + L])`: the window alone blended in
+                    y = (y + model.stream_step(values[rows[keep]].to(device), None)[0]) / 2
+                future = starts[keep, None] + lookback + torch.arange(windows.horizon)
+                sums.update(y.index_select(2, targets.to(device)).cpu(), values[future].index_select(2, targets))
     return sums

@@ -58,6 +58,15 @@ def test_a_stream_step_after_blocks_0_to_k_equals_one_call_on_their_rows():
         assert not torch.allclose(y, model(x[:, -L:]), atol=1e-4)  # the past reaches the forecast
 
 
+def test_history_blend_forecasts_the_mean_of_the_whole_past_and_the_window():
+    x = torch.randn(2, 3 * L, 3, generator=torch.Generator().manual_seed(0))
+    model = _model()
+    with torch.no_grad():
+        past, window = model(x), model(x[:, -L:])
+        model.history_blend = True
+        assert torch.allclose(model(x), (past + window) / 2) and torch.equal(model(x[:, -L:]), window)
+
+
 def test_block_norm_frames_each_block_alone_and_equals_window_norm_on_one_window():
     x = torch.randn(2, 3 * L, 3, generator=torch.Generator().manual_seed(0))
     block, window = _model(), _model()
@@ -122,9 +131,11 @@ def test_a_resumed_round_carries_its_past_and_forecasts_as_an_uninterrupted_one(
         stream_forecast(model, collate([train[k] for k in resumed[3]]))
 
 
-def test_whole_past_errors_equal_one_call_per_window(prepared):
+@pytest.mark.parametrize("blend", [False, True])
+def test_whole_past_errors_equal_one_call_per_window(prepared, blend):
     datasets, _, _ = window_datasets(prepared, L, H)
     test, model = datasets["test"], _model(7)
+    model.history_blend = blend
     sums = whole_past_errors(model, test, batch_size=5)  # several batches of phases
     ref = ErrorSums(H, len(test.target_idx))
     with torch.no_grad():

@@ -108,5 +108,6 @@ class OrderedBatches(Protocol):
 
     def epoch_batches(self, epoch: int, seed: int, batch_size: int, skip: int) -> list[list[Any]]:
         """The keys (`dataset[key]`) of each batch of `epoch` from batch `skip` on: a pure function of its
-        arguments, so a resumed run sees the batches an uninterrupted one would."""
+        arguments, so a run resumed at step `skip` of an epoch trains on the samples an uninterrupted one would
+        (its first batch may bring what the skipped ones would have left behind, e.g. a stream's past)."""
         ...

@@ -203,23 +203,23 @@ def table(rows: list[dict[str, Any]], metric: str) -> str:
 
 
 @torch.no_grad()
-def context_check(run: Path, cutoffs: int) -> dict[str, Any]:
+def context_check(run: Path, cutoffs: int, blocks: tuple[int, ...] = ()) -> dict[str, Any]:
     """Test MSE at `cutoffs` evenly spaced test windows: the last `lookback` rows only vs every row of the
-    file before the window (read through the memory in pieces, as `titans forecast --context all`)."""
+    file before the window (read through the memory in pieces, as `titans forecast --context all`); with
+    `blocks`, also from the last n·lookback rows for each n (how the error moves with the past read)."""
     loaded = load_run(run, get_task=get_task)
     t, meta = loaded.cfg.task, loaded.meta
     datasets, _, _ = window_datasets(Path(loaded.cfg.run.data), t.lookback, t.pred_len, scaler=meta["scaler"])
     test = datasets["test"]
-    sums = {
-        "window": ErrorSums(t.pred_len, len(meta["target_columns"])),
-        "all": ErrorSums(t.pred_len, len(meta["target_columns"])),
-    }
+    contexts = {"window": t.lookback, "all": None, **{f"{n}_blocks": n * t.lookback for n in blocks}}
+    sums = {name: ErrorSums(t.pred_len, len(meta["target_columns"])) for name in contexts}
     picks = [round(i * (len(test) - 1) / max(1, cutoffs - 1)) for i in range(cutoffs)]
     started = time.perf_counter()
     for i in picks:
         s = test.starts[i]
         y = test[i]["y"].unsqueeze(0)
-        for name, x in (("window", test.values[s : s + t.lookback]), ("all", test.values[: s + t.lookback])):
+        for name, rows in contexts.items():
+            x = test.values[max(0, s + t.lookback - rows) if rows else 0 : s + t.lookback]
             sums[name].update(loaded.model(x.unsqueeze(0)).index_select(2, loaded.model.target_idx), y)
     return {
         "run": str(run),
@@ -247,10 +247,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1,200 rows, tiny Titans, 3 steps, short H")
     parser.add_argument("--context-check", type=Path, help="only compare --context window/all on this trained run")
     parser.add_argument("--cutoffs", type=int, default=20, help="test windows for --context-check")
+    parser.add_argument("--context-blocks", default="", help="--context-check: also from the last n blocks (n,...)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.context_check is not None:
-        log(context_check(args.context_check, args.cutoffs))
+        blocks = tuple(int(n) for n in args.context_blocks.split(",") if n)
+        log(context_check(args.context_check, args.cutoffs, blocks))
         return
     unknown = [n for n in args.datasets.split(",") if n not in DATASETS]
     unknown += [m for m in args.models.split(",") if m not in MODELS]

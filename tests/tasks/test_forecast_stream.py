@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,6 +166,14 @@ def test_stream_training_selects_on_the_whole_past_and_resumes_to_the_same_model
     assert resumed["test"]["mse_norm"] == pytest.approx(result["test"]["mse_norm"], rel=0.05)
     rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 2 * steps + 1))
+
+    # bench/forecast.py --context-check on the run: one block of past is the window alone.
+    bench = Path(__file__).resolve().parents[2] / "bench" / "forecast.py"
+    cmd = [sys.executable, str(bench), "--threads", "1", "--context-check", str(tmp_path / "a"), "--cutoffs", "3"]
+    done = subprocess.run([*cmd, "--context-blocks", "1,2"], capture_output=True, text=True, check=True)
+    check = json.loads(done.stderr.strip().splitlines()[-1])
+    assert check["test_mse_1_blocks"] == check["test_mse_window"] != check["test_mse_all"]
+    assert {"test_mse_2_blocks", "test_mae_2_blocks"} <= check.keys()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Forecasting from the whole past: stream training and whole-past evaluation (`task.context_train = "stream"`).
+"""Forecasting from the whole past: stream training and whole-past evaluation (`task.context_train`).
 
 `titans forecast --context all` reads every row before the forecast window through the memory, as consecutive
 lookback blocks aligned to the end (variate layout; the partial first block is dropped), so a window starting at
@@ -6,15 +6,19 @@ row s is forecast after a stream of blocks that starts at row s mod L. Stream tr
 
 * Phase p (0 ≤ p < L) is the stream of training windows p, p + L, p + 2L, ...; reading its block k is reading
   the rows [p + kL, p + (k+1)L), the input of window p + kL.
-* A batch is B streams at the same block k (one memory state can only be carried for rows at the same position
+* A batch is B streams at the same step (one memory state can only be carried for rows at the same position
   of their sequence); a round walks them from block 0 to their end, and the epoch's rounds cover every phase
-  once, so every training window is forecast once per epoch, as in window training.
+  once, so every training window is forecast once per epoch, as in window training. With
+  `task.stream_segment` K the streams are cut into K-block segments that first read the K blocks before them
+  without gradients (`StreamWindows`), so that a batch mixes rows from the whole split.
 * The memory state is carried from one step to the next and detached (truncated backpropagation): a step's
   gradient reaches the weights through the newest block only, the past enters through the state written by
   the weights of earlier steps.
 
 Evaluation reads the same way: one stream per phase, all phases in one batch, each window's forecast taken
 after its own block, which equals `model(values[: s + L])` per window at a fraction of its cost.
+`task.context_train = "both"` adds a shuffled window batch to each step; `task.history_blend` forecasts from a
+long context as the mean of the whole-past and window-alone readings (tasks/forecast_models.py).
 """
 
 from __future__ import annotations

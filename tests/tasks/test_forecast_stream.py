@@ -19,7 +19,7 @@ from tasks.forecast_models import TitansForecaster
 from tasks.forecast_stream import StreamKey, StreamWindows, stream_forecast, whole_past_errors
 from tests.fixtures.timeseries import write_ett_slice
 from titans_cli.backbone.model import Titans
-from titans_cli.engine.config import ModelConfig, RunConfig, RunSection, TrainConfig
+from titans_cli.engine.config import ModelConfig, RunConfig, RunSection, TrainConfig, load_config
 from titans_cli.engine.errors import UsageError
 from titans_cli.engine.metrics import ErrorSums
 from titans_cli.engine.train import TrainingInterrupted
@@ -187,6 +187,19 @@ def test_stream_training_selects_on_the_whole_past_and_resumes_to_the_same_model
 def test_stream_config_errors_name_the_field(kwargs, message):
     with pytest.raises(UsageError, match=message):
         ForecastConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("task.context_train=streams", "task.context_train: expected one of 'window', 'stream', 'both', got"),
+        ("task.stream_segment=-1", "task.stream_segment: must be >= 0 blocks"),
+    ],
+)
+def test_a_bad_setting_is_a_one_line_error_naming_it(prepared, setting, message):
+    with pytest.raises(UsageError, match=message) as err:
+        load_config(resolve_task=lambda _n: ForecastConfig, preset=_cfg(prepared), sets=[setting])
+    assert "\n" not in str(err.value)
 
 
 def test_window_training_is_unchanged_by_default(prepared):

@@ -228,7 +228,7 @@ class ForecastTask:
         return model
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        # A stream batch (task.context_train = "stream") continues the memory state of the previous one.
+        # A stream batch (task.context_train "stream" or "both") continues the memory state of the previous one.
         pred = stream_forecast(model, batch) if "block" in batch else model(batch["x"])
         loss = LOSSES[model.loss_name](pred.index_select(2, model.target_idx).float(), batch["y"])
         if "x_window" in batch:  # "both": the same weight on a shuffled batch forecast from the window alone

@@ -113,6 +113,14 @@ def forecast_paper() -> RunConfig:
     )
 
 
+def forecast_long() -> RunConfig:
+    """forecast_default trained for `titans forecast --context all`: streams through the carried memory state plus
+    windows read alone, 32-block segments, whole-past and window forecasts averaged (docs/forecasting.md)."""
+    base = forecast_default()
+    task = dataclasses.replace(base.task, context_train="both", stream_segment=32, history_blend=True)
+    return dataclasses.replace(base, task=task)
+
+
 def dna_tiny() -> RunConfig:
     """CPU smoke run of DNA classification on the GUE fixture (seconds): one narrow LMM layer."""
     from tasks.dna import DnaConfig
@@ -202,6 +210,7 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "forecast_small": forecast_small,
     "forecast_paper": forecast_paper,
     "forecast_default": forecast_default,
+    "forecast_long": forecast_long,
     "dna_tiny": dna_tiny,
     "dna_cnn": dna_cnn,
     "dna_tata": dna_tata,

@@ -186,6 +186,7 @@ def test_resume_may_extend_training_but_not_change_the_model():
         ("model.attn_branch_init=-0.5", r"model.attn_branch_init: must be >= 0"),
         ("model.eta_max=1.5", r"model.eta_max: must be in \(0, 1\]"),
         ("model.theta_max=0", r"model.theta_max: must be > 0"),
+        ("model.theta_init=1.0", r"model.theta_init: must be in \(0, 1\)"),
     ],
 )
 def test_out_of_range_model_values_name_the_field(setting, message):

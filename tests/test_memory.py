@@ -113,6 +113,17 @@ def test_long_sequence_stays_finite_at_initialisation():
     assert all(torch.isfinite(w).all() for w in state.weights)
 
 
+@pytest.mark.parametrize("theta_init", [0.1, 0.5, 0.9])
+def test_theta_starts_at_theta_init_of_theta_max(theta_init):
+    """At initialisation every token's θ_t is close to theta_init·θ_max (the gate weights start small), so the first
+    writes are as strong as the setting says (docs/design.md §2.3)."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(dim=32, heads=2, theta_max=0.4, theta_init=theta_init)
+    with torch.no_grad():
+        theta = 0.4 * torch.sigmoid(mem.gates(torch.randn(64, 32))[:, 2 * mem.heads :])
+    assert theta.mean().item() == pytest.approx(0.4 * theta_init, rel=0.05)
+
+
 def test_projections_share_one_dtype_when_normalize_widens(monkeypatch: pytest.MonkeyPatch) -> None:
     # CUDA autocast computes F.normalize in float32 while v stays bf16; the layer hands the update one dtype.
     from titans_cli.backbone import memory as memory_module

@@ -52,6 +52,8 @@ class ModelConfig:
     read: Literal["inclusive", "strict"] = "inclusive"  # y_t = M_t(q_t) or M_{t-1}(q_t) (docs/design.md A6)
     theta_max: float = 0.4  # θ_t in (0, θ_max] (docs/design.md A1, §11 on stability)
     eta_max: float = 0.9  # η_t in (0, η_max]: momentum always decays (docs/design.md §12)
+    # θ_t at initialisation as a fraction of θ_max (the gate bias is logit(theta_init)); see NeuralMemory.__init__
+    theta_init: float = 0.5
     # θ_t's scale (docs/design.md §12): "gram" θ_t (1 − η_t) / r_t with r_t the overlap of k_t with the earlier keys
     # of its chunk; "none" Eq. 14 as written
     step_scale: Literal["none", "gram"] = "gram"
@@ -93,6 +95,7 @@ class ModelConfig:
             ("memory_norm", self.memory_norm in MEMORY_NORMS, f"expected one of {', '.join(map(repr, MEMORY_NORMS))}"),
             ("chunk_size", self.chunk_size >= 1, "must be >= 1"),
             ("theta_max", self.theta_max > 0, "must be > 0"),
+            ("theta_init", 0 < self.theta_init < 1, "must be in (0, 1): θ_t starts at theta_init * theta_max"),
             ("eta_max", 0 < self.eta_max <= 1, "must be in (0, 1] (1: momentum may never decay, Eq. 14 as written)"),
             ("inner_clip", self.inner_clip >= 0, "must be >= 0 (0 disables the clamp)"),
             ("checkpoint_chunks", self.checkpoint_chunks >= 0, "must be >= 0 (0 disables checkpointing)"),

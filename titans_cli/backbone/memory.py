@@ -91,6 +91,7 @@ class MemorySettings:
         activation [memory_activation]: hidden activation of the memory MLP (silu, gelu, tanh).
         chunk_size: b, gradient-point refresh interval of the chunked update.
         theta_max: upper bound of θ_t: with the default step scale, the most that one write moves M(k) towards v.
+        theta_init: θ_t at initialisation as a fraction of theta_max.
         eta_max: upper bound of η_t (< 1, so that momentum always decays).
         step_scale: "gram" (default) multiplies θ_t by (1 − η_t) / r_t, r_t the overlap of k_t with the earlier keys
             of its chunk (`key_overlap`): momentum then averages the gradients instead of summing them, and keys that
@@ -115,6 +116,7 @@ class MemorySettings:
     activation: str = ModelConfig.memory_activation
     chunk_size: int = ModelConfig.chunk_size
     theta_max: float = ModelConfig.theta_max
+    theta_init: float = ModelConfig.theta_init
     eta_max: float = ModelConfig.eta_max
     step_scale: str = ModelConfig.step_scale
     conv_kernel: int = ModelConfig.conv_kernel
@@ -165,10 +167,13 @@ class NeuralMemory(nn.Module):
         self.gates = nn.Linear(dim, 3 * heads)
         with torch.no_grad():
             # Initial gates: α ≈ 0.0025 (half-life ~280 tokens, so long-range recall is learnable from the start),
-            # η ≈ 0.5·η_max, θ ≈ 0.12·θ_max: small first writes. The bounds of docs/design.md §12 (clamp, η_max,
-            # key-overlap step scale) keep the update stable for any gate value, so the gates are free to learn.
+            # η ≈ 0.5·η_max, θ ≈ theta_init·θ_max. The bounds of docs/design.md §12 (clamp, η_max, key-overlap step
+            # scale) keep the update stable for any gate value, so the first writes can be strong: with θ ≈ 0.12·θ_max
+            # a stored pair is read back too faintly to carry a gradient, and recall sat at chance for hundreds of
+            # steps on 2 of 3 seeds (docs/stability.md, "Initial write strength").
             self.gates.weight.mul_(0.1)
-            self.gates.bias.copy_(torch.tensor([-6.0] * heads + [0.0] * heads + [-2.0] * heads))
+            theta_bias = math.log(s.theta_init / (1 - s.theta_init))
+            self.gates.bias.copy_(torch.tensor([-6.0] * heads + [0.0] * heads + [theta_bias] * heads))
         d = self.head_dim
         dims = [d] + [expansion * d] * (depth - 1) + [d]
         # Learned initial memory M_0 (docs/design.md A5), real [H, ...] parameters (not expanded views:
